@@ -1,0 +1,53 @@
+"""Which HF causal-LM families MsT supports, as data (one row per ``config.model_type``).
+
+A row says where the decoder layers and their MLPs live and how the final logits are post-processed, so that
+``mst.apply`` needs no per-family code. Families outside the table are accepted when their MLPs have the gated
+``gate_proj``/``up_proj``/``down_proj`` (or fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to find the pieces MsT replaces in one HF model family."""
+
+    mlp_attr: str = "mlp"  # attribute of each decoder layer holding the MLP
+    softcap_attr: str | None = None  # config attribute with the final-logit softcap (Gemma-2/3)
+    logit_scale_attr: str | None = None  # config attribute multiplying logits (Cohere-style)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "gemma": Family(),
+    "gemma2": Family(softcap_attr="final_logit_softcapping"),
+    "gemma3_text": Family(softcap_attr="final_logit_softcapping"),
+    "phi3": Family(),
+}
+
+GATED_MLP_SHAPES = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """True for a dense, token-wise gated MLP (the shape MsT chunks): Linear projections named as in HF."""
+    return any(all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
+               for names in GATED_MLP_SHAPES)
+
+
+def family_of(model_type: str, layers: nn.ModuleList | None) -> Family:
+    """The family row for ``model_type``, or a generic row when every layer has a gated MLP; else ValueError."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if layers is not None and len(layers) and all(is_gated_mlp(getattr(layer, "mlp", None) or nn.Module())
+                                                  for layer in layers):
+        return Family()
+    raise ValueError(
+        f"mst.apply: model_type {model_type!r} is not supported: its decoder layers have no dense gated MLP "
+        f"(gate_proj/up_proj/down_proj or gate_up_proj/down_proj). Supported families: {', '.join(sorted(FAMILIES))}, "
+        "plus any *ForCausalLM whose layers have such an MLP.")

@@ -1,0 +1,1 @@
+"""Memory engine: checkpoint offload, optimizer-in-backward, measurement and the planner."""

@@ -1,0 +1,26 @@
+"""Offload of activation-checkpoint inputs to CPU.
+
+With per-layer checkpointing, what stays alive between forward and backward is each decoder layer's input
+(S x d per layer). ``offloading_checkpoint`` wraps HF's checkpoint function so those saved inputs are packed to CPU
+(pinned memory, copied on a side stream on CUDA via ``torch.autograd.graph.save_on_cpu``) and brought back when the
+layer is recomputed. The checkpoint's own inner hooks take precedence inside the layer, so only the layer inputs
+are offloaded, never the layer's internals. On CPU the same code path runs (the copy is a plain CPU copy).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+
+def offloading_checkpoint(checkpoint_fn: Callable) -> Callable:
+    """Wrap an HF ``_gradient_checkpointing_func`` so the tensors it saves live on CPU until backward."""
+
+    @functools.wraps(checkpoint_fn)
+    def wrapped(*args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return checkpoint_fn(*args, **kwargs)
+
+    wrapped._mst_offload = True
+    return wrapped
