@@ -2,7 +2,8 @@
 
 A row says where the decoder layers and their MLPs live and how the final logits are post-processed, so that
 ``mst.apply`` needs no per-family code. Families outside the table are accepted when their MLPs have the gated
-``gate_proj``/``up_proj``/``down_proj`` (or fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``.
+``gate_proj``/``up_proj``/``down_proj`` (or fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``, and
+their config sets none of the known logit post-processing attributes (``LOGIT_POSTPROCESSING_ATTRS``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(softcap_attr="final_logit_softcapping"),
     "gemma3_text": Family(softcap_attr="final_logit_softcapping"),
     "phi3": Family(),
+    "cohere": Family(logit_scale_attr="logit_scale"),
 }
+
+# Config attributes through which HF families post-process the LM-head logits (scale, divide, softcap), with their
+# neutral values. A model outside FAMILIES that sets one is refused: the generic path would silently optimise a
+# different loss than HF's (e.g. Granite divides by ``logits_scaling``, Falcon-H1 multiplies by ``lm_head_multiplier``).
+LOGIT_POSTPROCESSING_ATTRS = {"logit_scale": (None, 1.0), "logits_scaling": (None, 1.0),
+                              "lm_head_multiplier": (None, 1.0), "final_logit_softcapping": (None,)}
 
 GATED_MLP_SHAPES = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
 
@@ -40,10 +48,18 @@ def is_gated_mlp(module: nn.Module) -> bool:
                for names in GATED_MLP_SHAPES)
 
 
-def family_of(model_type: str, layers: nn.ModuleList | None) -> Family:
-    """The family row for ``model_type``, or a generic row when every layer has a gated MLP; else ValueError."""
+def family_of(model_type: str, layers: nn.ModuleList | None, config: object = None) -> Family:
+    """The family row for ``model_type``, or a generic row when every layer has a gated MLP and ``config`` does not
+    post-process the logits; else ValueError."""
     if model_type in FAMILIES:
         return FAMILIES[model_type]
+    postprocessing = {name: getattr(config, name) for name, neutral in LOGIT_POSTPROCESSING_ATTRS.items()
+                      if getattr(config, name, None) not in neutral}
+    if postprocessing:
+        raise ValueError(
+            f"mst.apply: model_type {model_type!r} is not in the supported families and post-processes its logits "
+            f"({postprocessing}), which the generic path cannot reproduce exactly. Supported families: "
+            f"{', '.join(sorted(FAMILIES))}.")
     if layers is not None and len(layers) and all(is_gated_mlp(getattr(layer, "mlp", None) or nn.Module())
                                                   for layer in layers):
         return Family()

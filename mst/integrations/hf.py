@@ -51,7 +51,7 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
         raise ValueError(f"mst.apply expects a Hugging Face *ForCausalLM model with .lm_head and .get_decoder(); "
                          f"got {type(model).__name__}")
     layers = _decoder_layers(model)
-    family = family_of(getattr(model.config, "model_type", "?"), layers)
+    family = family_of(getattr(model.config, "model_type", "?"), layers, model.config)
     if layers is None:
         raise ValueError(f"mst.apply: {type(model).__name__} has no decoder layers at get_decoder().layers")
     for name in ("mlp_chunk_tokens", "mlp_chunks", "lm_head_chunk_tokens", "lm_head_chunks",
@@ -107,6 +107,9 @@ def _patch_causal_lm(model: nn.Module, family: Family, opts: MsTOptions) -> None
             return original(**kwargs)
         num_items = kwargs.get("num_items_in_batch")
         ignore_index = kwargs.pop("ignore_index", -100)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(model.config, "return_dict", True)
         captured = {}
         hook = model.get_decoder().register_forward_hook(
             lambda mod, inp, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else
@@ -114,20 +117,22 @@ def _patch_causal_lm(model: nn.Module, family: Family, opts: MsTOptions) -> None
         try:
             # HF computes logits for no position
             kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=model.lm_head.weight.device)
-            out = original(**kwargs)
+            out = original(**kwargs, return_dict=True)
         finally:
             hook.remove()
         hidden = captured["h"]
         if shift_labels is None:  # same shift as HF's ForCausalLMLoss: tokens < n predict n
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         head = model.lm_head
-        out.loss = chunked_lm_head_loss(
+        loss = chunked_lm_head_loss(
             hidden, head.weight, shift_labels.to(hidden.device), bias=getattr(head, "bias", None),
             chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,
             logits_budget_bytes=opts.lm_head_logits_budget_bytes, ignore_index=ignore_index,
             num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap)
-        out.logits = None
-        return out
+        # rebuilt rather than assigned: a ModelOutput keeps keys in creation order and ignores `= None`, so this is
+        # the only way to get HF's layout (loss first for out[0] / to_tuple(), no empty logits left behind)
+        result = type(out)(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
+        return result if return_dict else result.to_tuple()
 
     forward._mst_patched = True
     model.forward = forward

@@ -59,8 +59,9 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
         flat = x.detach().reshape(-1, x.shape[-1])
         gflat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat) if want_x else None
-        # fp32 accumulators for low-precision weights keep the sum of M chunk gradients as accurate as vanilla's
-        # single matmul (which also accumulates in fp32 internally).
+        # fp32 accumulators for low-precision weights: the M chunk gradients are summed without further rounding
+        # (each chunk's gradient is still rounded once to the weight dtype by autograd; measured bf16 weight-grad
+        # error is within ~5% of vanilla's, tests/integrations/test_hf_bf16.py).
         accs = [None] * len(want)
         start = 0
         for xc, gc in zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens)):

@@ -1,0 +1,242 @@
+"""Maximum sequence length per strategy: the driver behind experiments/table2, table3 and table4.
+
+    python experiments/max_length.py --table table2 --models llama3-8b llama2-7b            # CPU, scaled models
+    python experiments/max_length.py --table table2 --models llama3-8b --device cuda        # full size on a GPU
+
+CPU mode (default) runs a real length search (mst.memory.length_search) on a scaled-down model with the same
+shape ratios (mst.configs.scaled_config: same layer count, V/d, I/d and GQA, hidden d_s instead of d), under a
+memory budget that emulates the GPU at that scale:
+
+    budget_s = static_s + (gpu_bytes - static_full) * k * t,   k = d_s / d,  t = length scale (default k)
+
+static = weights + gradients + optimizer state (measured for the small model at a short length; planned for the
+full one). Every per-token cost (activations, checkpoints, MLP/LM-head intermediates) scales with d, i.e. by k, so
+a strategy whose full-size limit is S fits t*S tokens at small scale: the ratios vanilla : AC : MsT are measured,
+not assumed, and ``measured / t`` is comparable to the full-size number. The planner's full-size predictions are
+printed beside them. CUDA mode searches the full-size models against the real GPU memory (OOM = does not fit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import mst
+from mst.configs import load_config, scaled_config
+from mst.memory import max_seq_len as planned_max_seq_len
+from mst.memory import plan
+from mst.memory.length_search import run_trial, search_max_seq_len
+from mst.memory.strategies import STRATEGIES, make_train_step, prepare
+
+GB = 1e9  # the paper's "80GB" A100; the planner takes gpu_mem_gb the same way
+
+# Paper values (paper.md §1): exact where printed, "inferred" where derived from printed ratios, None = not reported
+PAPER = {
+    "table2": {"llama3-8b": {"vanilla": ("5K", "inferred 60K/12"), "ac": ("15K", "inferred 60K/4"), "mst": ("60K", "exact")},
+               "llama2-7b": {"vanilla": ("7K", "inferred 84K/12"), "ac": ("47K", "inferred 84K/1.8"), "mst": ("84K", "exact")}},
+    "table3": {"mistral-7b": {"mst/vanilla": ("12x", "exact")}, "qwen2-7b": {"mst/vanilla": ("18x", "exact")},
+               "gemma2-9b": {"mst/vanilla": ("24x", "exact"), "mst/ac": ("8x", "exact")}},
+    "table4": {"llama3-8b": {"vanilla": ("1.4K", "inferred 30K/21"), "ac": ("8K", "exact"), "mst": ("30K", "exact")},
+               "llama2-7b": {"mst": ("55K", "exact")}},
+}
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype, weights: str | None):
+    from transformers import AutoModelForCausalLM
+
+    if weights:
+        return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, local_files_only=True).to(device)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def search_one(config, strategy: str, args, budget: int | None, device: torch.device, start: int,
+               granularity: int, bar) -> dict:
+    model = prepare(build_model(config, device, args.dtype, args.weights), strategy)
+
+    def make_step(seq_len: int):
+        return make_train_step(model, seq_len, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
+
+    def progress(trial):
+        bar.set_postfix_str(f"{strategy} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
+
+    result = search_max_seq_len(make_step, budget_bytes=budget, device=device, start=start,
+                                granularity=granularity, progress=progress, warmup_steps=1,
+                                method="rss" if device.type == "cpu" else "tracker")
+    del model
+    return result.to_dict()
+
+
+def static_bytes_small(config, strategy: str, args) -> int:
+    """Weights + gradients + optimizer state of the small model: the peak of a 16-token training step."""
+    model = prepare(build_model(config, torch.device("cpu"), args.dtype, None), strategy)
+    step, track = make_train_step(model, 16, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
+    trial, _ = run_trial(lambda _: (step, track), 16, None, torch.device("cpu"), method="rss")
+    return int(trial.peak_bytes)
+
+
+def static_bytes_full(config, strategy: str, args) -> float:
+    """Weights + gradients + optimizer state of the full-size model, from the planner."""
+    p = plan(config, 1, strategy, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=args.dtype,
+             grad_accumulation=args.grad_accumulation > 1)
+    return sum(p.breakdown.get(key, 0) for key in ("weights", "gradients", "optimizer_state"))
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
+    records = []
+    with tqdm(total=len(args.models) * len(args.strategies), desc=args.table, unit="search") as bar:
+        for name in args.models:
+            full = load_config(name)
+            row = {"model": name, "strategies": {}}
+            if device.type == "cpu":
+                small = scaled_config(name, hidden_size=args.hidden)
+                k = small.hidden_size / full.hidden_size
+                t = args.length_scale or k
+                row.update(hidden_small=small.hidden_size, k=k, length_scale=t)
+            for strategy in args.strategies:
+                predicted = planned_max_seq_len(full, strategy, gpu_mem_gb=args.gpu_mem_gb,
+                                                optimizer=args.optimizer,
+                                                grad_accumulation=args.grad_accumulation > 1)
+                cell = {"planner_full": predicted}
+                if device.type == "cpu":
+                    free_full = args.gpu_mem_gb * GB - static_bytes_full(full, strategy, args)
+                    budget = static_bytes_small(small, strategy, args) + int(free_full * k * t)
+                    found = search_one(small, strategy, args, budget, device, start=64, granularity=16, bar=bar)
+                    cell.update(measured_small=found["max_seq_len"], measured_full_equiv=round(found["max_seq_len"] / t),
+                                budget_bytes=budget, search=found)
+                else:
+                    found = search_one(full, strategy, args, None, device, start=1024, granularity=1024, bar=bar)
+                    cell.update(measured_full=found["max_seq_len"], search=found)
+                row["strategies"][strategy] = cell
+                bar.update(1)
+            records.append(row)
+    return {
+        "table": args.table, "device": _device_name(device), "dtype": str(args.dtype).replace("torch.", ""),
+        "optimizer": args.optimizer, "grad_accumulation": args.grad_accumulation, "gpu_mem_gb": args.gpu_mem_gb,
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "mst": mst.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M"), "paper": PAPER.get(args.table, {}), "models": records,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _k(n: int | None) -> str:
+    return "—" if not n else f"{n / 1000:.1f}K"
+
+
+def markdown(result: dict) -> str:
+    cpu = "measured_small" in next(iter(result["models"][0]["strategies"].values()))
+    lines = [f"# {result['table']}: maximum sequence length ({result['device']}, {result['dtype']}, "
+             f"{result['optimizer']}, grad accumulation {result['grad_accumulation']})", ""]
+    head = "| model | strategy | paper (A100 80GB) | planner, full size, 80 GB |"
+    head += " measured, scaled model (CPU) | measured ÷ t (full-size equivalent) |" if cpu else " measured (GPU) |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for row in result["models"]:
+        paper = result["paper"].get(row["model"], {})
+        for strategy, cell in row["strategies"].items():
+            pv = paper.get(strategy)
+            pcol = f"{pv[0]} ({pv[1]})" if pv else "not reported"
+            meas = (f"{cell['measured_small']} tok | {_k(cell['measured_full_equiv'])}" if cpu
+                    else _k(cell["measured_full"]))
+            lines.append(f"| {row['model']} | {strategy} | {pcol} | {_k(cell['planner_full'])} | {meas} |")
+    lines += ["", "| model | ratio | paper | planner | measured |", "|---|---|---|---|---|"]
+    for row in result["models"]:
+        s = row["strategies"]
+        key = "measured_small" if cpu else "measured_full"
+        for a, b in (("mst", "vanilla"), ("mst", "ac")):
+            if a in s and b in s:
+                pv = result["paper"].get(row["model"], {})
+                paper_ratio = pv.get(f"{a}/{b}", (None,))[0] or _paper_ratio(pv, a, b)
+                ratio = lambda x, y: f"{x / y:.1f}x" if x and y else "—"  # noqa: E731
+                lines.append(f"| {row['model']} | {a}/{b} | {paper_ratio or 'not reported'} | "
+                             f"{ratio(s[a]['planner_full'], s[b]['planner_full'])} | "
+                             f"{ratio(s[a][key], s[b][key])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _paper_ratio(paper: dict, a: str, b: str) -> str | None:
+    if a in paper and b in paper:
+        x, y = (float(paper[s][0].rstrip("K")) for s in (a, b))
+        return f"{x / y:.1f}x"
+    return None
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Figure 1c: bars per model and strategy, paper vs planner vs our measurement (full-size equivalent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["models"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        strategies = list(row["strategies"])
+        paper = result["paper"].get(row["model"], {})
+        series = {
+            "paper (A100)": [_paper_tokens(paper.get(s)) for s in strategies],
+            "planner (80 GB)": [row["strategies"][s]["planner_full"] for s in strategies],
+            f"measured ({'CPU scaled ÷ t' if 'measured_small' in row['strategies'][strategies[0]] else 'GPU'})":
+                [row["strategies"][s].get("measured_full_equiv", row["strategies"][s].get("measured_full"))
+                 for s in strategies],
+        }
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(strategies))]
+            ax.bar(xs, [(v or 0) / 1000 for v in values], width, label=label)
+        ax.set_xticks(range(len(strategies)), strategies)
+        ax.set_title(row["model"])
+        ax.set_ylabel("max sequence length (K tokens)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{result['table']}: max trainable length, {result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _paper_tokens(value) -> float | None:
+    return float(value[0].rstrip("K")) * 1000 if value and value[0].endswith("K") else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", default="table2")
+    p.add_argument("--models", nargs="+", default=["llama3-8b", "llama2-7b"])
+    p.add_argument("--strategies", nargs="+", default=["vanilla", "ac", "mst"], choices=list(STRATEGIES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--optimizer", default="adamw_in_backward", choices=["adamw", "adamw_in_backward"])
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the scaled CPU model")
+    p.add_argument("--length-scale", type=float, default=None, help="t in the budget rule (default k = d_s/d)")
+    p.add_argument("--weights", default=None, help="local HF checkpoint (cuda mode); default random weights")
+    p.add_argument("--out", default=None, help="results folder (default experiments/<table>/results)")
+    args = p.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    out = Path(args.out or Path(__file__).parent / args.table / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    tag = "cpu" if args.device == "cpu" else "cuda"
+    (out / f"max_length_{tag}.json").write_text(json.dumps(result, indent=1))
+    (out / f"max_length_{tag}.md").write_text(markdown(result))
+    plot(result, out / f"max_length_{tag}.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Maximum trainable sequence length by search over real training steps (the paper's Tables 2-5).
+
+A trial at length S runs ``warmup_steps`` full training steps (forward, backward, optimizer step, so optimizer state
+exists), then measures one more with ``measure_peak``. It *fails* when the device raises out-of-memory (CUDA) or when
+the measured peak exceeds ``budget_bytes`` (how a CPU run emulates a GPU's capacity). Failures are caught, memory is
+freed, and the search goes on: first doubling from ``start`` until a failure, then bisection down to
+``granularity`` tokens. Nothing here knows about models: ``make_step(seq_len)`` builds the step to try.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .measure import measure_peak
+
+StepFactory = Callable[[int], tuple[Callable[[], object], list]]  # seq_len -> (step_fn, modules/optimizers to track)
+
+
+@dataclass
+class Trial:
+    seq_len: int
+    fits: bool
+    peak_bytes: int | None = None
+    step_time_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class SearchResult:
+    max_seq_len: int  # 0 when even ``start`` does not fit
+    budget_bytes: int | None
+    device: str
+    peak_bytes: int | None = None  # measured at max_seq_len
+    step_time_s: float | None = None
+    breakdown: dict = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, device: torch.device,
+              warmup_steps: int = 1, method: str = "tracker") -> tuple[Trial, dict]:
+    """One length: warm-up steps, then a measured step. Returns the trial and the peak breakdown."""
+    try:
+        step, track = make_step(seq_len)
+        for _ in range(warmup_steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        report = measure_peak(step, track, device, method=method)
+        elapsed = time.perf_counter() - start
+        peak = report.allocator_peak_bytes or report.peak_bytes
+        fits = budget_bytes is None or peak <= budget_bytes
+        return Trial(seq_len, fits, peak, elapsed, None if fits else "over budget"), report.breakdown
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+        if not (_is_oom(exc) or isinstance(exc, MemoryError)):
+            raise
+        return Trial(seq_len, False, error=f"OOM: {str(exc).splitlines()[0][:120]}"), {}
+    finally:
+        step = track = None  # noqa: F841  (drop references before freeing)
+        _free(device)
+
+
+def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, device: str | torch.device = "cpu",
+                       start: int = 256, granularity: int = 64, max_len: int = 1 << 22, warmup_steps: int = 1,
+                       progress: Callable[[Trial], None] | None = None, method: str = "tracker") -> SearchResult:
+    """Largest multiple of ``granularity`` (>= ``start``) whose training step fits; see the module docstring.
+
+    ``method`` is passed to ``measure_peak`` ("rss" makes long CPU searches several times faster).
+    """
+    if start <= 0 or granularity <= 0:
+        raise ValueError(f"start and granularity must be positive, got {start}, {granularity}")
+    device = torch.device(device)
+    result = SearchResult(0, budget_bytes, str(device))
+
+    def attempt(seq_len: int) -> bool:
+        trial, breakdown = run_trial(make_step, seq_len, budget_bytes, device, warmup_steps, method)
+        result.trials.append(trial)
+        if progress:
+            progress(trial)
+        if trial.fits and seq_len > result.max_seq_len:
+            result.max_seq_len, result.peak_bytes, result.step_time_s = seq_len, trial.peak_bytes, trial.step_time_s
+            result.breakdown = breakdown
+        return trial.fits
+
+    lo, hi = 0, start
+    while hi <= max_len and attempt(hi):  # doubling phase
+        lo, hi = hi, hi * 2
+    hi = min(hi, max_len + granularity)
+    while hi - lo > granularity:  # bisection phase, on multiples of granularity
+        mid = (lo + hi) // 2 // granularity * granularity
+        if mid <= lo:
+            break
+        if attempt(mid):
+            lo = mid
+        else:
+            hi = mid
+    return result

@@ -1,0 +1,80 @@
+"""The training strategies the paper compares, and one training step that the experiments time and measure.
+
+Strategy names are shared by the planner, the length search and every experiment:
+    vanilla      plain HF model (no checkpointing)
+    ac           activation checkpointing per decoder layer ("activation recomputation" in the paper)
+    mst          MsT: mini-sequence MLP + chunked LM-head/loss, with activation checkpointing (the paper's default)
+    mst_offload  MsT + checkpointed layer inputs offloaded to CPU (paper's Limitations section; no paper number)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..integrations import apply
+
+STRATEGIES: dict[str, dict | None] = {
+    "vanilla": None,
+    "ac": dict(mlp=False, lm_head=False),
+    "mst": {},
+    "mst_offload": dict(offload_checkpoints=True),
+}
+OPTIMIZERS = ("adamw", "adamw_in_backward")
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def prepare(model: nn.Module, strategy: str, **mst_options) -> nn.Module:
+    """Put ``model`` in training mode with ``strategy`` applied (extra options go to ``mst.apply``)."""
+    check_strategy(strategy)
+    model.train()
+    options = STRATEGIES[strategy]
+    if options is not None:
+        apply(model, **{**options, **mst_options})
+    return model
+
+
+def make_train_step(model: nn.Module, seq_len: int, *, optimizer: str = "adamw", batch_size: int = 1,
+                    grad_accumulation: int = 1, lr: float = 1e-5,
+                    device: str | torch.device | None = None) -> tuple[Callable[[], torch.Tensor], list]:
+    """A closure doing one optimizer step on random tokens (memory does not depend on token values).
+
+    optimizer="adamw": forward/backward ``grad_accumulation`` micro-batches, then ``AdamW.step`` (gradients live
+    through the whole window, as in the paper's Table 4). optimizer="adamw_in_backward": each parameter is updated
+    and its gradient freed as soon as it is accumulated (the paper's max-length setting, Tables 2/3).
+    Returns ``(step, track)`` where ``track`` lists what ``measure_peak`` should attribute.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if grad_accumulation < 1:
+        raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    vocab = model.config.vocab_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, foreach=False)
+        track: list = [model, opt]
+    else:
+        from . import optimizer_in_backward  # the memory package's own module, loaded on first use
+
+        opt = optimizer_in_backward(model, lr=lr, accumulation_steps=grad_accumulation)
+        track = [model, *getattr(opt, "optimizers", [])]
+
+    def step() -> torch.Tensor:
+        loss = None
+        for _ in range(grad_accumulation):
+            ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / grad_accumulation).backward()
+            del ids
+        if optimizer == "adamw":
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, track

@@ -1,0 +1,124 @@
+"""mini_sequence_mlp against the plain module: outputs, input gradient and every weight gradient must equal the
+unchunked MLP's (fp32, ``tests.utils.assert_exact``), for SwiGLU and GeGLU, with/without biases, chunk sizes that do and
+do not divide N, 2-D and 3-D inputs, frozen weights, both modes, and the no-grad path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mst.ops import MiniSequenceMLPFunction, mini_sequence_mlp, resolve_chunk_tokens
+from tests.utils import GATED_ACTS, GatedMLP, assert_exact
+
+D, I = 16, 40
+
+
+def make_mlp(act: str = "silu", bias: bool = False) -> GatedMLP:
+    return GatedMLP(D, I, act, bias)
+
+
+def run(mlp: GatedMLP, x: torch.Tensor, chunk: int | None, mode: str = "recompute"):
+    """Output, input grad and {name: grad} of one forward+backward, chunked (chunk) or plain (None)."""
+    mlp.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    out = mlp(x) if chunk is None else mini_sequence_mlp(x, mlp.forward, params, chunk, mode=mode)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    out.backward(grad_out)
+    return out.detach(), x.grad, {n: p.grad for n, p in mlp.named_parameters()}
+
+
+def assert_same(got, ref) -> None:
+    assert_exact(got[0], ref[0], "output")
+    if ref[1] is None:
+        assert got[1] is None
+    else:
+        assert_exact(got[1], ref[1], "grad of x")
+    assert got[2].keys() == ref[2].keys()
+    for name, g in ref[2].items():
+        if g is None:
+            assert got[2][name] is None, f"{name} is frozen but got a gradient"
+        else:
+            assert_exact(got[2][name], g, f"grad of {name}")
+
+
+@pytest.mark.parametrize("act", sorted(GATED_ACTS))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", [(50, D), (2, 25, D)], ids=["2d", "3d"])
+@pytest.mark.parametrize("chunk", [1, 7, 10, 49, 50, 64])  # 7/49 leave a remainder; 10 divides; >=50 no split
+@pytest.mark.parametrize("mode", ["recompute", "naive"])
+def test_matches_plain_mlp(act, bias, shape, chunk, mode):
+    mlp = make_mlp(act, bias)
+    x = torch.randn(shape, requires_grad=True)
+    assert_same(run(mlp, x, chunk, mode), run(mlp, x, None))
+
+
+@pytest.mark.parametrize("frozen,x_grad", [(("gate_proj",), True), (("gate_proj",), False),
+                                            (("up_proj", "down_proj"), True), (("up_proj", "down_proj"), False),
+                                            (("gate_proj", "up_proj", "down_proj"), True)])
+def test_frozen_weights(frozen, x_grad):
+    """LoRA-style partially frozen MLPs: frozen weights get no gradient, the others (and x) exact ones."""
+    mlp = make_mlp("silu", bias=True)
+    for name in frozen:
+        getattr(mlp, name).requires_grad_(False)
+    x = torch.randn(3, 17, D, requires_grad=x_grad)
+    assert_same(run(mlp, x, 5), run(mlp, x, None))
+
+
+def test_gradient_accumulates_across_backwards():
+    """Two backward calls add into .grad exactly like the plain module (no manual .grad writes)."""
+    mlp = make_mlp("silu")
+    x = torch.randn(2, 19, D)
+    grads = {}
+    for chunk in (None, 4):
+        mlp.zero_grad(set_to_none=True)
+        for _ in range(2):
+            params = list(mlp.parameters())
+            out = mlp(x) if chunk is None else mini_sequence_mlp(x, mlp.forward, params, chunk)
+            out.square().sum().backward()
+        grads[chunk] = [p.grad.clone() for p in mlp.parameters()]
+    for got, ref in zip(grads[4], grads[None]):
+        assert_exact(got, ref)
+
+
+def test_autograd_function_is_used_and_no_grad_path():
+    """With grad enabled and N > C the custom Function runs; under no_grad the output is equal and graph-free."""
+    mlp = make_mlp("gelu_pytorch_tanh", bias=True)
+    x = torch.randn(40, D, requires_grad=True)
+    out = mini_sequence_mlp(x, mlp.forward, list(mlp.parameters()), 8)
+    assert type(out.grad_fn).__name__ == MiniSequenceMLPFunction.__name__ + "Backward"
+    with torch.no_grad():
+        out_ng = mini_sequence_mlp(x, mlp.forward, list(mlp.parameters()), 8)
+    assert out_ng.grad_fn is None
+    torch.testing.assert_close(out_ng, mlp(x).detach())
+
+
+def test_empty_and_single_token():
+    mlp = make_mlp("silu")
+    for shape in [(1, 0, D), (1, 1, D)]:
+        x = torch.randn(shape, requires_grad=True)
+        out = mini_sequence_mlp(x, mlp.forward, list(mlp.parameters()), 4)
+        torch.testing.assert_close(out, mlp(x))
+
+
+@pytest.mark.parametrize("chunk", [0, -3])
+def test_chunk_not_positive_raises(chunk):
+    mlp = make_mlp("silu")
+    with pytest.raises(ValueError, match="positive"):
+        mini_sequence_mlp(torch.randn(4, D), mlp.forward, list(mlp.parameters()), chunk)
+
+
+def test_bad_mode_raises():
+    mlp = make_mlp("silu")
+    with pytest.raises(ValueError, match="mode"):
+        mini_sequence_mlp(torch.randn(9, D), mlp.forward, list(mlp.parameters()), 4, mode="fast")
+
+
+def test_resolve_chunk_tokens():
+    assert resolve_chunk_tokens(100, chunk_tokens=16) == 16
+    assert resolve_chunk_tokens(100, num_chunks=8) == 13  # ceil(100 / 8)
+    assert resolve_chunk_tokens(3, num_chunks=8) == 1
+    assert resolve_chunk_tokens(100, default=32) == 32
+    for kwargs in ({"chunk_tokens": 0}, {"num_chunks": 0}, {"chunk_tokens": -1}, {},
+                   {"chunk_tokens": 4, "num_chunks": 2}):
+        with pytest.raises(ValueError):
+            resolve_chunk_tokens(100, **kwargs)
