@@ -59,9 +59,10 @@ def build_model(config, device: torch.device, dtype: torch.dtype, weights: str |
 def search_one(config, strategy: str, args, budget: int | None, device: torch.device, start: int,
                granularity: int, bar) -> dict:
     model = prepare(build_model(config, device, args.dtype, args.weights), strategy)
+    step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
 
     def make_step(seq_len: int):
-        return make_train_step(model, seq_len, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
+        return (lambda: step(seq_len)), track
 
     def progress(trial):
         bar.set_postfix_str(f"{strategy} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
@@ -76,14 +77,14 @@ def search_one(config, strategy: str, args, budget: int | None, device: torch.de
 def static_bytes_small(config, strategy: str, args) -> int:
     """Weights + gradients + optimizer state of the small model: the peak of a 16-token training step."""
     model = prepare(build_model(config, torch.device("cpu"), args.dtype, None), strategy)
-    step, track = make_train_step(model, 16, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
-    trial, _ = run_trial(lambda _: (step, track), 16, None, torch.device("cpu"), method="rss")
+    step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
+    trial, _ = run_trial(lambda _: ((lambda: step(16)), track), 16, None, torch.device("cpu"), method="rss")
     return int(trial.peak_bytes)
 
 
 def static_bytes_full(config, strategy: str, args) -> float:
     """Weights + gradients + optimizer state of the full-size model, from the planner."""
-    p = plan(config, 1, strategy, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=args.dtype,
+    p = plan(config, 1, strategy, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=args.full_dtype,
              grad_accumulation=args.grad_accumulation > 1)
     return sum(p.breakdown.get(key, 0) for key in ("weights", "gradients", "optimizer_state"))
 
@@ -98,23 +99,32 @@ def run(args) -> dict:
             full = load_config(name)
             row = {"model": name, "strategies": {}}
             if device.type == "cpu":
-                small = scaled_config(name, hidden_size=args.hidden)
+                small = scaled_config(name, hidden_size=args.hidden,
+                                      **({"num_hidden_layers": args.layers} if args.layers else {}))
                 k = small.hidden_size / full.hidden_size
                 t = args.length_scale or k
-                row.update(hidden_small=small.hidden_size, k=k, length_scale=t)
+                # per-token tensors of an fp32 CPU model are twice a bf16 model's (the fp32 logits upcast of HF's
+                # loss is the exception, which makes this rule slightly favour vanilla/AC: MsT ratios are conservative)
+                dtype_factor = torch.finfo(args.dtype).bits / torch.finfo(args.full_dtype).bits
+                row.update(hidden_small=small.hidden_size, k=k, length_scale=t, dtype_factor=dtype_factor)
             for strategy in args.strategies:
                 predicted = planned_max_seq_len(full, strategy, gpu_mem_gb=args.gpu_mem_gb,
-                                                optimizer=args.optimizer,
+                                                optimizer=args.optimizer, dtype=args.full_dtype,
                                                 grad_accumulation=args.grad_accumulation > 1)
                 cell = {"planner_full": predicted}
                 if device.type == "cpu":
                     free_full = args.gpu_mem_gb * GB - static_bytes_full(full, strategy, args)
-                    budget = static_bytes_small(small, strategy, args) + int(free_full * k * t)
-                    found = search_one(small, strategy, args, budget, device, start=64, granularity=16, bar=bar)
+                    budget = static_bytes_small(small, strategy, args) + int(free_full * k * t * dtype_factor)
+                    # the planner seeds the search (half its scaled prediction), so a few trials bracket the limit
+                    expect = max(64, int(predicted * t))
+                    start = max(32, expect // 2 // 16 * 16)
+                    found = search_one(small, strategy, args, budget, device, start=start,
+                                       granularity=max(16, expect // 32 // 16 * 16), bar=bar)
                     cell.update(measured_small=found["max_seq_len"], measured_full_equiv=round(found["max_seq_len"] / t),
                                 budget_bytes=budget, search=found)
                 else:
-                    found = search_one(full, strategy, args, None, device, start=1024, granularity=1024, bar=bar)
+                    found = search_one(full, strategy, args, None, device, start=max(1024, predicted // 2 // 1024 * 1024),
+                                       granularity=1024, bar=bar)
                     cell.update(measured_full=found["max_seq_len"], search=found)
                 row["strategies"][strategy] = cell
                 bar.update(1)
@@ -218,16 +228,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["llama3-8b", "llama2-7b"])
     p.add_argument("--strategies", nargs="+", default=["vanilla", "ac", "mst"], choices=list(STRATEGIES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="dtype of the measured model (default: float32 on CPU, where bf16 is ~6x slower; bfloat16 on CUDA)")
     p.add_argument("--optimizer", default="adamw_in_backward", choices=["adamw", "adamw_in_backward"])
     p.add_argument("--grad-accumulation", type=int, default=1)
     p.add_argument("--gpu-mem-gb", type=float, default=80.0)
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the scaled CPU model")
+    p.add_argument("--layers", type=int, default=None,
+                   help="override the layer count of the scaled model (smoke runs only: ratios depend on L)")
     p.add_argument("--length-scale", type=float, default=None, help="t in the budget rule (default k = d_s/d)")
     p.add_argument("--weights", default=None, help="local HF checkpoint (cuda mode); default random weights")
     p.add_argument("--out", default=None, help="results folder (default experiments/<table>/results)")
     args = p.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
+    args.full_dtype = torch.bfloat16  # the paper's training dtype, used by the planner
+    args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     out = Path(args.out or Path(__file__).parent / args.table / "results")
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)

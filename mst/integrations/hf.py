@@ -139,7 +139,11 @@ def _patch_causal_lm(model: nn.Module, family: Family, opts: MsTOptions) -> None
 
 
 def _enable_checkpointing(model: nn.Module, offload: bool) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if offload:
         from ..memory.offload import offloading_checkpoint  # memory builds on integrations, imported lazily
         for module in model.modules():
@@ -157,7 +161,7 @@ def revert(model: nn.Module) -> nn.Module:
         if getattr(module.__dict__.get("forward"), "_mst_patched", False):
             del module.forward
     if opts.checkpointing:
-        model.gradient_checkpointing_disable()
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     del model.mst_options
     return model
 

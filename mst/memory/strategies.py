@@ -39,15 +39,16 @@ def prepare(model: nn.Module, strategy: str, **mst_options) -> nn.Module:
     return model
 
 
-def make_train_step(model: nn.Module, seq_len: int, *, optimizer: str = "adamw", batch_size: int = 1,
-                    grad_accumulation: int = 1, lr: float = 1e-5,
-                    device: str | torch.device | None = None) -> tuple[Callable[[], torch.Tensor], list]:
-    """A closure doing one optimizer step on random tokens (memory does not depend on token values).
+def make_train_step(model: nn.Module, *, optimizer: str = "adamw", batch_size: int = 1, grad_accumulation: int = 1,
+                    lr: float = 1e-5, device: str | torch.device | None = None
+                    ) -> tuple[Callable[[int], torch.Tensor], list]:
+    """One optimizer (built once) and a ``step(seq_len)`` closure training on random tokens of that length.
 
-    optimizer="adamw": forward/backward ``grad_accumulation`` micro-batches, then ``AdamW.step`` (gradients live
-    through the whole window, as in the paper's Table 4). optimizer="adamw_in_backward": each parameter is updated
-    and its gradient freed as soon as it is accumulated (the paper's max-length setting, Tables 2/3).
-    Returns ``(step, track)`` where ``track`` lists what ``measure_peak`` should attribute.
+    Memory does not depend on token values. optimizer="adamw": forward/backward ``grad_accumulation``
+    micro-batches, then ``AdamW.step`` (gradients live through the whole window, as in the paper's Table 4).
+    optimizer="adamw_in_backward": each parameter is updated and its gradient freed as soon as it is accumulated
+    (the paper's max-length setting, Tables 2/3). Returns ``(step, track)``; ``track`` lists what
+    ``measure_peak`` should attribute (the model and every optimizer holding state).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -55,17 +56,16 @@ def make_train_step(model: nn.Module, seq_len: int, *, optimizer: str = "adamw",
         raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = model.config.vocab_size
-    params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, foreach=False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=False)
         track: list = [model, opt]
     else:
         from . import optimizer_in_backward  # the memory package's own module, loaded on first use
 
         opt = optimizer_in_backward(model, lr=lr, accumulation_steps=grad_accumulation)
-        track = [model, *getattr(opt, "optimizers", [])]
+        track = [model, *opt.optimizers]
 
-    def step() -> torch.Tensor:
+    def step(seq_len: int) -> torch.Tensor:
         loss = None
         for _ in range(grad_accumulation):
             ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
