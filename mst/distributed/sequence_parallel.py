@@ -1,0 +1,104 @@
+"""Set up sequence parallelism (SP) on an HF causal LM: groups, validation, and the attention backend.
+
+    sp = mst.distributed.setup_sequence_parallel(model, sp_size=4)        # after torch.distributed is initialised
+    shard = mst.distributed.shard_batch(batch, sp.rank, sp.size)           # labels shifted before sharding
+    loss = mst.distributed.sp_loss(model, shard)                           # exact global mean loss
+    loss.backward(); mst.distributed.reduce_gradients(model)               # one reduction per gradient
+
+Ranks are split into consecutive SP groups of ``sp_size`` ranks ([0..sp-1], [sp..2sp-1], ...); the groups are
+data-parallel replicas of each other. The backend is chosen by name from ``BACKENDS``: "ulysses" (DeepSpeed
+all-to-all heads <-> sequence around attention) is the one implemented; a second one (e.g. "lss", the
+Long-Short-Sequence transformer's distributed attention) is added as one more ``Backend`` row (validate, install,
+uninstall); nothing else in the SP path (sharding, loss, gradient reduction) depends on the backend.
+
+MsT composes unchanged: ``mst.apply`` patches the MLPs and LM-head, which are token-wise and simply see the local
+shard; order of the two calls does not matter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.distributed as dist
+from torch import nn
+
+from . import ulysses
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Where this rank sits: its SP group (None when size == 1), rank in it, and the data-parallel degree."""
+
+    size: int
+    rank: int
+    group: Any
+    backend: str
+    dp_size: int = 1
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of running attention over a sequence split across ranks."""
+
+    validate: Callable[[Any, int], None]  # (model config, sp_size) -> raise ValueError if unsupported
+    install: Callable[[nn.Module, Any, str], None]  # (model, SP process group, torch.distributed backend name)
+    uninstall: Callable[[nn.Module], None]
+
+
+BACKENDS: dict[str, Backend] = {"ulysses": Backend(ulysses.validate, ulysses.install, ulysses.uninstall)}
+
+
+def validate_sp_config(config: Any, sp_size: int, backend: str = "ulysses") -> None:
+    """Raise ``ValueError`` when ``config`` cannot be split over ``sp_size`` ranks by ``backend``."""
+    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
+        raise ValueError(f"sp_size must be a positive integer, got {sp_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sequence-parallel backend {backend!r}; available: {sorted(BACKENDS)}")
+    BACKENDS[backend].validate(config, sp_size)
+
+
+def _new_groups(sp_size: int) -> tuple[Any, int, int]:
+    """Create every rank's SP group (all ranks must call this together); returns (my group, my SP rank, dp)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % sp_size:
+        raise ValueError(f"world size {world} is not divisible by sp_size={sp_size}")
+    mine = None
+    for start in range(0, world, sp_size):
+        group = dist.new_group(list(range(start, start + sp_size)))
+        if start <= rank < start + sp_size:
+            mine = group
+    return mine, rank % sp_size, world // sp_size
+
+
+def setup_sequence_parallel(model: nn.Module, sp_size: int, backend: str = "ulysses") -> SequenceParallel:
+    """Make ``model`` run sequence-parallel over groups of ``sp_size`` ranks, in place; returns the placement.
+
+    Must be called by every rank (it creates process groups). With ``sp_size == 1`` nothing is installed and the
+    SP helpers degrade to single-process behaviour (no torch.distributed needed). Calling it again replaces the
+    previous setup. The placement is stored as ``model.mst_sp`` for ``sp_loss`` / ``reduce_gradients``.
+    """
+    validate_sp_config(model.config, sp_size, backend)
+    teardown_sequence_parallel(model)
+    if sp_size == 1:
+        dp = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        sp = SequenceParallel(size=1, rank=0, group=None, backend=backend, dp_size=dp)
+    else:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"sp_size={sp_size} needs torch.distributed initialised first "
+                               "(torchrun / SLURM: see mst.distributed.init_distributed)")
+        group, rank, dp = _new_groups(sp_size)
+        BACKENDS[backend].install(model, group, dist.get_backend())
+        sp = SequenceParallel(size=sp_size, rank=rank, group=group, backend=backend, dp_size=dp)
+    model.mst_sp = sp
+    return sp
+
+
+def teardown_sequence_parallel(model: nn.Module) -> nn.Module:
+    """Undo ``setup_sequence_parallel`` on ``model`` (its attention runs unsharded again)."""
+    sp = getattr(model, "mst_sp", None)
+    if sp is None:
+        return model
+    if sp.size > 1:
+        BACKENDS[sp.backend].uninstall(model)
+    del model.mst_sp
+    return model
