@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .mini_sequence_mlp import autocast_state
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -69,6 +71,7 @@ class ChunkedLMHeadLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, logit_scale, softcap, per_token):
         ctx.chunk_tokens, ctx.ignore_index = chunk_tokens, ignore_index
         ctx.logit_scale, ctx.softcap, ctx.per_token = logit_scale, softcap, per_token
+        ctx.autocast = autocast_state(hidden.device.type)
         ctx.save_for_backward(hidden, weight, bias, labels)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_tokens):
@@ -96,7 +99,8 @@ class ChunkedLMHeadLossFunction(torch.autograd.Function):
             if not bool(valid[s:e].any()):
                 continue
             h = hidden[s:e]
-            z, t = _chunk_logits(h, weight, bias, ctx.logit_scale, ctx.softcap)
+            with torch.autocast(**ctx.autocast):  # same logits precision as the forward
+                z, t = _chunk_logits(h, weight, bias, ctx.logit_scale, ctx.softcap)
             dz = torch.softmax(z, dim=-1)
             del z
             rows = torch.arange(dz.shape[0], device=dz.device)

@@ -20,6 +20,13 @@ import torch
 MLPFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def autocast_state(device_type: str) -> dict:
+    """The ambient autocast settings, to re-enter in backward: autograd runs backward outside the caller's
+    ``torch.autocast``, so a recompute there would otherwise run in a different precision than the forward."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
+
+
 def resolve_chunk_tokens(n_tokens: int, chunk_tokens: int | None = None, num_chunks: int | None = None,
                          default: int | None = None) -> int:
     """Tokens per mini-sequence from either a token count or a chunk count M (paper: C = d, no split when N <= C)."""
@@ -44,7 +51,7 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, fn: MLPFn, chunk_tokens: int, *params: torch.Tensor) -> torch.Tensor:
-        ctx.fn, ctx.chunk_tokens = fn, chunk_tokens
+        ctx.fn, ctx.chunk_tokens, ctx.autocast = fn, chunk_tokens, autocast_state(x.device.type)
         ctx.save_for_backward(x, *params)
         flat = x.detach().reshape(-1, x.shape[-1])  # (N, d); detached so no view claims to need grad
         with torch.no_grad():
@@ -66,7 +73,7 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
         start = 0
         for xc, gc in zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens)):
             xc = xc.detach().requires_grad_(want_x)
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 yc = ctx.fn(xc)
             inputs = ([xc] if want_x else []) + want
             grads = torch.autograd.grad(yc, inputs, gc, allow_unused=True)

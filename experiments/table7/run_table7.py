@@ -1,0 +1,313 @@
+"""Table 7: MsT trains exactly like vanilla, and a longer context at equal memory gives a better held-out ppl.
+
+Paper (Sec 4.3, Table 7): Llama3-8B on LongAlpaca, activation recomputation (AC) at 8K vs MsT at 30K under one
+A100-80G, AdamW (wd 0.001, clip 1.0, constant LR 1e-4), batch 16 = 1 x 16 accumulation, bf16, 10k steps:
+"2.7x improvement in perplexity". This script, on the same recipe scaled down:
+  exact   fp32, same seed and data: vanilla vs MsT, max |loss difference| over the run (+ final weights).
+  bf16    vanilla vs MsT, against vanilla's own run-to-run noise (vanilla with reversed accumulation order).
+  context memory budget = what AC needs at --context_start (CUDA: the GPU); measure which context each strategy
+          fits; train AC and MsT at their contexts for the same steps; held-out ppl ratio (paper: 2.7x).
+  lmeval  lm-eval 0.4 local tasks on the vanilla- and MsT-trained checkpoints and on an MsT-patched model.
+
+  bash experiments/table7/run.sh                       # CPU default: tiny-llama, GPT-2 BPE, KJV + Python docs
+  bash experiments/table7/run.sh --device cuda --model llama3-8b --weights /path/to/Meta-Llama-3-8B \\
+       --data_path /path/to/LongAlpaca-12k.json         # the paper's run (local files only, nothing downloaded)
+Results: experiments/table7/results/table7_<device>.{json,md}, curves/*.csv, table7_<device>_loss_curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mst
+import transformers
+from mst.data import (LongAlpacaDataset, MicroBatches, heldout_sample, load_tokenizer, pad_collate, packed_dataset,
+                      write_eval_tasks)
+from mst.memory.strategies import prepare
+from mst.train import (PRESETS, TrainConfig, build_model, fit_contexts, heldout_perplexity, load_checkpoint,
+                       run_lm_eval, train, window_batches)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from plot import make_figure  # noqa: E402  (experiments/table7/plot.py, shared with the notebook)
+
+PAPER = {"ac_context": 8192, "mst_context": 30720, "ppl_ratio": 2.7, "lr": 1e-4, "weight_decay": 0.001,
+         "clip": 1.0, "grad_accum": 16, "steps": 10000, "dtype": "bf16"}
+# ---- defaults per device: CPU = minutes on 2 cores, CUDA = the paper's recipe -------------------------------
+DEFAULTS = {
+    "cpu": dict(model="tiny-llama", lr=1e-3, grad_accum=2, threads=1,
+                exact_steps=30, exact_context=256,          # fp32 vanilla vs MsT
+                bf16_steps=4, bf16_context=128, bf16_grad_accum=3,  # bf16 matmul is ~15x slower than fp32 on AVX2
+                context_steps=80, context_start=256, context_max=4096, max_train_context=1024,
+                eval_tokens=8192, mlp_chunk_tokens=64, lm_head_chunk_tokens=64),
+    "cuda": dict(model="llama3-8b", lr=1e-4, grad_accum=16, threads=0,
+                 exact_steps=50, exact_context=4096, bf16_steps=50, bf16_context=4096, bf16_grad_accum=16,
+                 context_steps=10000, context_start=8192, context_max=32768, max_train_context=32768,
+                 eval_tokens=245760, mlp_chunk_tokens=None, lm_head_chunk_tokens=None),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", help="preset: tiny-llama | llama3-8b (default per device)")
+    p.add_argument("--exact_model", default="tiny-llama", help="model of the fp32 part (fp32 AdamW on 8B "
+                   "does not fit one GPU)")
+    p.add_argument("--weights", help="local HF model directory with real weights (and tokenizer) for --model")
+    p.add_argument("--corpus", default="kjv+pydocs", help="packed offline corpora: kjv, pydocs, kjv+pydocs")
+    p.add_argument("--data_path", help="LongAlpaca-style .json/.jsonl to train on instead of the corpora")
+    p.add_argument("--parts", default="tasks,exact,bf16,context,lmeval")
+    p.add_argument("--seed", type=int, default=0, help="model init seed")
+    p.add_argument("--data_seed", type=int, default=0)
+    p.add_argument("--micro_batch", type=int, default=1)
+    for name, typ in [("lr", float), ("grad_accum", int), ("threads", int), ("exact_steps", int),
+                      ("exact_context", int), ("bf16_steps", int), ("bf16_context", int), ("bf16_grad_accum", int),
+                      ("context_steps", int), ("context_start", int), ("context_max", int),
+                      ("max_train_context", int), ("eval_tokens", int), ("mlp_chunk_tokens", int),
+                      ("lm_head_chunk_tokens", int)]:
+        p.add_argument(f"--{name}", type=typ, help="default per device, see DEFAULTS")
+    p.add_argument("--budget_gib", type=float, help="memory budget (default: CPU: AC's peak at --context_start; "
+                   "CUDA: the device's memory)")
+    p.add_argument("--work_dir", default=str(mst.data.cache_dir() / "table7"), help="checkpoints, wandb, logs")
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--no_wandb", action="store_true")
+    args = p.parse_args()
+    for k, v in DEFAULTS[args.device].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+args = parse_args()
+if args.device == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("--device cuda: no CUDA device visible")
+if args.threads:
+    torch.set_num_threads(args.threads)
+parts = set(args.parts.split(","))
+work, results = Path(args.work_dir), Path(args.results)
+(results / "curves").mkdir(parents=True, exist_ok=True)
+tok = load_tokenizer(args.weights or "gpt2")
+mst_opts = {k: v for k, v in (("mlp_chunk_tokens", args.mlp_chunk_tokens),
+                              ("lm_head_chunk_tokens", args.lm_head_chunk_tokens)) if v is not None}
+out_json = results / f"table7_{args.device}.json"
+record = json.loads(out_json.read_text()) if out_json.exists() else {}
+record["meta"] = {"device": args.device, "host": platform.processor() or platform.machine(),
+                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+                  "args": vars(args), "mst_options": mst_opts, "paper": PAPER}
+t_start = time.time()
+
+
+def save_record() -> None:
+    out_json.write_text(json.dumps(record, indent=1))
+
+
+def data_for(context: int, split: str = "train"):
+    """Training / held-out dataset at ``context`` tokens: packed corpora, or LongAlpaca examples."""
+    if args.data_path:
+        return LongAlpacaDataset(args.data_path, tok, max_length=context, split=split)
+    return packed_dataset(args.corpus, split, tok, context)
+
+
+def build(preset: str, dtype=torch.float32, context: int = 8192):
+    """A fresh seeded model (real weights for ``--model`` when ``--weights`` is given); a preset's vocabulary
+    grows to the tokenizer's (e.g. tiny-llama over Llama-3's tokenizer), positions to ``context``."""
+    if args.weights and preset == args.model:
+        return build_model(preset, weights=args.weights, dtype=dtype, device=args.device)
+    overrides = {"max_position_embeddings": max(context, PRESETS[preset]().max_position_embeddings)}
+    if len(tok) > PRESETS[preset]().vocab_size:
+        overrides["vocab_size"] = len(tok)
+    return build_model(preset, dtype=dtype, device=args.device, seed=args.seed, **overrides)
+
+
+def run(tag: str, strategy: str, context: int, steps: int, *, preset: str, dtype=torch.float32,
+        micro_order: str = "forward", grad_accum: int | None = None):
+    """Train one run from scratch (or resume it); returns (model, log rows)."""
+    model = prepare(build(preset, dtype, context), strategy, **mst_opts)
+    batches = MicroBatches(data_for(context), args.micro_batch, seed=args.data_seed,
+                           collate=lambda items: pad_collate(items, pad_id=tok.pad_token_id))
+    cfg = TrainConfig(steps=steps, grad_accum=grad_accum or args.grad_accum, lr=args.lr, micro_order=micro_order,
+                      ckpt_every=max(1, steps // 4))
+    rows = train(model, batches, cfg, out_dir=work / tag, name=tag, use_wandb=not args.no_wandb,
+                 run_config={"strategy": strategy, "context": context, "dtype": str(dtype), "preset": preset})
+    shutil.copy(work / tag / "log.csv", results / "curves" / f"{tag}.csv")
+    return model, rows
+
+
+def max_diff(a: list[dict], b: list[dict]) -> dict:
+    d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+    r = [abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)]
+    return {"max_abs_dloss": max(d), "max_rel_dloss": max(r), "steps": len(d)}
+
+
+def markdown(rec: dict) -> str:
+    """The results as markdown tables: paper | planner | measured (device)."""
+    dev = f"measured ({rec['meta']['device']}, {rec['meta']['date']})"
+    lines = [f"# Table 7 convergence: {dev}", "",
+             f"| quantity | paper (Llama3-8B, LongAlpaca, A100-80G) | planner | {dev} |", "|---|---|---|---|"]
+    if "exact" in rec:
+        e = rec["exact"]
+        lines += [f"| fp32 max abs/rel loss diff vanilla vs MsT ({e['model']}, S={e['context']}, {e['steps']} steps) "
+                  f"| not reported (claims no degradation) | n/a | "
+                  f"{e['max_abs_dloss']:.2e} / {e['max_rel_dloss']:.2e} |",
+                  f"| fp32 max abs weight diff after training | not reported | n/a | {e['max_abs_dparam']:.2e} |"]
+    if "bf16" in rec:
+        b = rec["bf16"]
+        lines += [f"| bf16 max abs loss diff vanilla vs MsT ({b['model']}, S={b['context']}, "
+                  f"{b['mst_vs_vanilla']['steps']} steps) | not reported | n/a | "
+                  f"{b['mst_vs_vanilla']['max_abs_dloss']:.2e} |",
+                  f"| bf16 noise: vanilla vs vanilla, reversed accumulation order | not reported | n/a | "
+                  f"{b['noise_vanilla_reverse_vs_vanilla']['max_abs_dloss']:.2e} |"]
+    if "context" in rec:
+        c = rec["context"]
+        ac, ms = c["runs"]["ac"], c["runs"]["mst"]
+        ms_short = ms[f"heldout_at_{ac['context']}"]["ppl"]
+        mst_fit = (f">= {c['context_max']} (largest context searched)" if c["longest"]["mst"] >= c["context_max"]
+                   else str(c["longest"]["mst"]))
+        budget_note = (f"(AC's peak at {rec['meta']['args']['context_start']})"
+                       if rec["meta"]["args"]["budget_gib"] is None and rec["meta"]["device"] == "cpu" else "")
+        lines += [f"| memory budget | A100 80 GB | n/a | {c['budget_bytes'] / 2 ** 20:.1f} MiB {budget_note} |",
+                  f"| longest context AC fits | 8K | n/a | {c['longest']['ac']} |",
+                  f"| longest context MsT fits | 30K | n/a | {mst_fit}; trained at {c['mst_context']} |",
+                  f"| held-out ppl AC @ {ac['context']} | not reported | n/a | "
+                  f"{ac['heldout_own_context']['ppl']:.2f} |",
+                  f"| held-out ppl MsT @ {ms['context']} | not reported | n/a | "
+                  f"{ms['heldout_own_context']['ppl']:.2f} |",
+                  f"| ppl ratio AC / MsT | 2.7 | n/a | {c['ppl_ratio_ac_over_mst']:.2f} |",
+                  f"| MsT model evaluated at AC's context {ac['context']} | not reported | n/a | {ms_short:.2f} |",
+                  f"| training tokens AC / MsT (same steps) | not reported | n/a | {ac['train_tokens']:,} / "
+                  f"{ms['train_tokens']:,} |"]
+        lines += ["", "Peak memory of one training step (measure_peak, after one warm-up step):", "",
+                  "| strategy | context | peak MiB | fits |", "|---|---|---|---|"]
+        for t in c["trials"]:
+            peak = "OOM" if t["peak_bytes"] is None else f"{t['peak_bytes'] / 2 ** 20:.1f}"
+            lines.append(f"| {t['strategy']} | {t['seq_len']} | {peak} | {t['fits']} |")
+    if "lm_eval" in rec:
+        lines += ["", f"lm-eval 0.4.13 (local tasks, max_length {rec['lm_eval']['max_length']}):", "",
+                  "| model | t7_heldout_ppl word_perplexity | bits_per_byte | t7_next_verse acc | acc_norm |",
+                  "|---|---|---|---|---|"]
+        for name, r in rec["lm_eval"]["results"].items():
+            p, v = r["t7_heldout_ppl"], r["t7_next_verse"]
+            lines.append(f"| {name} | {p['word_perplexity,none']:.6g} | {p['bits_per_byte,none']:.6f} | "
+                         f"{v['acc,none']:.3f} | {v['acc_norm,none']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def free() -> None:
+    """Return memory of models the caller has just ``del``-ed (one model at a time on the GPU)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- tasks: lm-eval data from held-out documents ---------------------------------------------------------------
+if "tasks" in parts and not (HERE / "tasks" / "data" / "next_verse.jsonl").exists():
+    write_eval_tasks(HERE / "tasks" / "data", corpus=args.corpus)
+
+# ---- exact: fp32 vanilla vs MsT, same seed, same data ------------------------------------------------------------
+if "exact" in parts:
+    L = args.exact_context
+    runs = {s: run(f"exact_fp32_{s}", s, L, args.exact_steps, preset=args.exact_model)[1] for s in ("vanilla", "mst")}
+    weights = []
+    for s in ("vanilla", "mst"):
+        m = build(args.exact_model)
+        load_checkpoint(work / f"exact_fp32_{s}" / "checkpoint.pt", model=m)
+        weights.append(m.state_dict())
+    dparam = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+    record["exact"] = {"model": args.exact_model, "context": L, "dtype": "fp32",
+                       **max_diff(runs["vanilla"], runs["mst"]),
+                       "max_abs_dparam": dparam, "final_loss": {s: r[-1]["loss"] for s, r in runs.items()},
+                       "tokens_per_s": {s: sum(x["tokens_per_s"] for x in r[1:]) / max(1, len(r) - 1)
+                                        for s, r in runs.items()}}
+    del weights, m
+    free()
+    save_record()
+    print("[table7] exact:", {k: v for k, v in record["exact"].items() if "dloss" in k or "dparam" in k})
+
+# ---- bf16: vanilla vs MsT vs vanilla's own noise ---------------------------------------------------------------
+if "bf16" in parts:
+    L = args.bf16_context
+    spec = {"vanilla": ("vanilla", "forward"), "mst": ("mst", "forward"), "vanilla_reverse": ("vanilla", "reverse")}
+    runs = {}
+    for name, (strategy, order) in spec.items():
+        model, runs[name] = run(f"bf16_{name}", strategy, L, args.bf16_steps, preset=args.model,
+                                dtype=torch.bfloat16, micro_order=order, grad_accum=args.bf16_grad_accum)
+        del model
+        free()
+    record["bf16"] = {"model": args.model, "context": L, "dtype": "bf16", "grad_accum": args.bf16_grad_accum,
+                      "mst_vs_vanilla": max_diff(runs["vanilla"], runs["mst"]),
+                      "noise_vanilla_reverse_vs_vanilla": max_diff(runs["vanilla"], runs["vanilla_reverse"]),
+                      "final_loss": {s: r[-1]["loss"] for s, r in runs.items()}}
+    save_record()
+    print("[table7] bf16:", record["bf16"]["mst_vs_vanilla"], record["bf16"]["noise_vanilla_reverse_vs_vanilla"])
+
+# ---- context: which context fits one memory budget, then train both there --------------------------------------
+if "context" in parts:
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    budget = args.budget_gib and int(args.budget_gib * 2 ** 30)
+    if budget is None and args.device == "cuda":
+        budget = torch.cuda.get_device_properties(0).total_memory
+    fit = fit_contexts(lambda: build(args.model, dtype, args.context_max), ("vanilla", "ac", "mst"),
+                       start=args.context_start, max_len=args.context_max, budget_bytes=budget, mst_options=mst_opts,
+                       device=args.device, progress=lambda s: print("[table7] fit", s, flush=True))
+    ac_ctx, mst_ctx = fit["longest"]["ac"], min(fit["longest"]["mst"], args.max_train_context)
+    if not ac_ctx or mst_ctx <= ac_ctx:
+        raise SystemExit(f"[table7] no longer context for MsT in the budget: {fit['longest']}")
+    grid = math.gcd(ac_ctx, mst_ctx)  # positions on this grid are scored by neither context: same token set
+    heldout = None if args.data_path else heldout_sample(args.corpus, tok, args.eval_tokens)
+    if heldout is not None:
+        heldout = heldout[:len(heldout) // math.lcm(ac_ctx, mst_ctx) * math.lcm(ac_ctx, mst_ctx)]
+    ctx_runs = {}
+    for strategy, ctx in (("ac", ac_ctx), ("mst", mst_ctx)):
+        model, rows = run(f"context_{strategy}_{ctx}", strategy, ctx, args.context_steps, preset=args.model,
+                          dtype=dtype)
+        if heldout is not None:
+            own, short = (heldout_perplexity(model, window_batches(heldout, c, score_grid=grid))
+                          for c in (ctx, ac_ctx))
+        else:
+            own, short = (heldout_perplexity(model, [pad_collate([x], tok.pad_token_id)
+                                                     for x in data_for(c, "heldout")]) for c in (ctx, ac_ctx))
+        lm = run_lm_eval(model, tok, ["t7_heldout_ppl"], HERE / "tasks", max_length=ctx) if "lmeval" in parts else None
+        ctx_runs[strategy] = {"context": ctx, "steps": len(rows), "train_tokens": sum(r["tokens"] for r in rows),
+                              "final_train_loss": rows[-1]["loss"], "heldout_own_context": own,
+                              f"heldout_at_{ac_ctx}": short, "lm_eval": lm}
+        del model
+        free()
+    record["context"] = {**fit, "ac_context": ac_ctx, "mst_context": mst_ctx, "context_max": args.context_max,
+                         "runs": ctx_runs, "ppl_ratio_ac_over_mst": ctx_runs["ac"]["heldout_own_context"]["ppl"]
+                         / ctx_runs["mst"]["heldout_own_context"]["ppl"]}
+    save_record()
+    print(f"[table7] context: AC {ac_ctx} vs MsT {mst_ctx}: ppl ratio {record['context']['ppl_ratio_ac_over_mst']:.3f}")
+
+# ---- lmeval: vanilla- and MsT-trained checkpoints, and the MsT-trained model under mst.apply -------------------
+if "lmeval" in parts and "exact" in parts:
+    tasks, L = ["t7_heldout_ppl", "t7_next_verse"], args.exact_context
+    evals = {}
+    for name, ckpt, strategy in (("vanilla_trained", "exact_fp32_vanilla", "vanilla"),
+                                 ("mst_trained", "exact_fp32_mst", "vanilla"),
+                                 ("mst_trained_mst_patched", "exact_fp32_mst", "mst")):
+        m = build(args.exact_model)
+        load_checkpoint(work / ckpt / "checkpoint.pt", model=m)
+        evals[name] = run_lm_eval(prepare(m, strategy, **mst_opts), tok, tasks, HERE / "tasks", max_length=L)
+        del m
+        free()
+    record["lm_eval"] = {"max_length": L, "results": evals}
+    save_record()
+    print("[table7] lm_eval:", json.dumps(evals))
+
+record["meta"]["wall_s"] = time.time() - t_start
+save_record()
+(results / f"table7_{args.device}.md").write_text(markdown(record))
+fig = make_figure(record, results / "curves")
+fig.savefig(results / f"table7_{args.device}_loss_curves.png", dpi=120, bbox_inches="tight")
+print(f"[table7] wrote {out_json} ({record['meta']['wall_s']:.0f} s)")

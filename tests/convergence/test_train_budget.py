@@ -1,0 +1,27 @@
+"""mst.train.budget: under AC's memory at context L, MsT fits a longer context (measured training steps)."""
+import pytest
+
+from mst.train import build_model, fit_contexts
+from tests.utils import tiny_model
+
+OPTS = dict(mlp_chunk_tokens=64, lm_head_chunk_tokens=64)
+
+
+def _build():
+    return build_model("tiny-llama", seed=0)  # GPT-2 vocabulary: the LM head dominates activation memory
+
+
+@pytest.mark.slow
+def test_mst_fits_a_longer_context_than_ac_at_equal_memory():
+    fit = fit_contexts(_build, ("ac", "mst"), start=256, max_len=512, mst_options=OPTS)
+    assert fit["longest"] == {"ac": 256, "mst": 512}
+    trials = {(t["strategy"], t["seq_len"]): t for t in fit["trials"]}
+    assert set(trials) == {("ac", 256), ("ac", 512), ("mst", 256), ("mst", 512)}
+    assert trials["ac", 256]["peak_bytes"] <= fit["budget_bytes"] < trials["ac", 512]["peak_bytes"]
+    assert trials["mst", 512]["fits"] and not trials["ac", 512]["fits"]
+
+
+def test_explicit_budget_nothing_fits():
+    fit = fit_contexts(lambda: tiny_model("llama"), ("mst",), start=128, max_len=128, budget_bytes=1,
+                       mst_options=OPTS)
+    assert fit["longest"] == {"mst": 0} and fit["trials"][0]["fits"] is False
