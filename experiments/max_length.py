@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 import mst
 from mst.configs import load_config, scaled_config
-from mst.memory import max_seq_len as planned_max_seq_len
-from mst.memory import plan
+from mst.memory.planner import DEFAULT_RESERVE_GB, plan
+from mst.memory.planner import max_seq_len as planned_max_seq_len
 from mst.memory.length_search import run_trial, search_max_seq_len
 from mst.memory.strategies import STRATEGIES, make_train_step, prepare
 
-GB = 1e9  # the paper's "80GB" A100; the planner takes gpu_mem_gb the same way
+GiB = 1024 ** 3  # the planner reads gpu_mem_gb as GiB and keeps DEFAULT_RESERVE_GB for CUDA context etc.
 
 # Paper values (paper.md §1): exact where printed, "inferred" where derived from printed ratios, None = not reported
 PAPER = {
@@ -89,6 +89,13 @@ def static_bytes_full(config, strategy: str, args) -> float:
     return sum(p.breakdown.get(key, 0) for key in ("weights", "gradients", "optimizer_state"))
 
 
+def planner_small(config, strategy: str, budget: int, args) -> int:
+    """The planner's limit for exactly the measured setting (scaled model, CPU dtype, same budget): validates it."""
+    return planned_max_seq_len(config, strategy, gpu_mem_gb=budget / GiB, reserve_gb=0.0, optimizer=args.optimizer,
+                               dtype=args.dtype, grad_accumulation=args.grad_accumulation > 1, device="cpu",
+                               granularity=16)
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -113,7 +120,7 @@ def run(args) -> dict:
                                                 grad_accumulation=args.grad_accumulation > 1)
                 cell = {"planner_full": predicted}
                 if device.type == "cpu":
-                    free_full = args.gpu_mem_gb * GB - static_bytes_full(full, strategy, args)
+                    free_full = (args.gpu_mem_gb - DEFAULT_RESERVE_GB) * GiB - static_bytes_full(full, strategy, args)
                     budget = static_bytes_small(small, strategy, args) + int(free_full * k * t * dtype_factor)
                     # the planner seeds the search (half its scaled prediction), so a few trials bracket the limit
                     expect = max(64, int(predicted * t))
@@ -122,6 +129,7 @@ def run(args) -> dict:
                                        granularity=max(16, expect // 32 // 16 * 16), bar=bar)
                     cell.update(measured_small=found["max_seq_len"], measured_full_equiv=round(found["max_seq_len"] / t),
                                 budget_bytes=budget, search=found)
+                    cell["planner_small"] = planner_small(small, strategy, budget, args)
                 else:
                     found = search_one(full, strategy, args, None, device, start=max(1024, predicted // 2 // 1024 * 1024),
                                        granularity=1024, bar=bar)
@@ -153,14 +161,16 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['table']}: maximum sequence length ({result['device']}, {result['dtype']}, "
              f"{result['optimizer']}, grad accumulation {result['grad_accumulation']})", ""]
     head = "| model | strategy | paper (A100 80GB) | planner, full size, 80 GB |"
-    head += " measured, scaled model (CPU) | measured ÷ t (full-size equivalent) |" if cpu else " measured (GPU) |"
+    head += (" measured, scaled model (CPU) | planner, same scaled setting | measured ÷ t (full-size equivalent) |"
+             if cpu else " measured (GPU) |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for row in result["models"]:
         paper = result["paper"].get(row["model"], {})
         for strategy, cell in row["strategies"].items():
             pv = paper.get(strategy)
             pcol = f"{pv[0]} ({pv[1]})" if pv else "not reported"
-            meas = (f"{cell['measured_small']} tok | {_k(cell['measured_full_equiv'])}" if cpu
+            meas = (f"{cell['measured_small']} tok | {cell.get('planner_small', '—')} tok | "
+                    f"{_k(cell['measured_full_equiv'])}" if cpu
                     else _k(cell["measured_full"]))
             lines.append(f"| {row['model']} | {strategy} | {pcol} | {_k(cell['planner_full'])} | {meas} |")
     lines += ["", "| model | ratio | paper | planner | measured |", "|---|---|---|---|---|"]
@@ -198,7 +208,7 @@ def plot(result: dict, path: str | Path) -> None:
         strategies = list(row["strategies"])
         paper = result["paper"].get(row["model"], {})
         series = {
-            "paper (A100)": [_paper_tokens(paper.get(s)) for s in strategies],
+            "paper (A100; vanilla/AC inferred)": [_paper_tokens(paper.get(s)) for s in strategies],
             "planner (80 GB)": [row["strategies"][s]["planner_full"] for s in strategies],
             f"measured ({'CPU scaled ÷ t' if 'measured_small' in row['strategies'][strategies[0]] else 'GPU'})":
                 [row["strategies"][s].get("measured_full_equiv", row["strategies"][s].get("measured_full"))
@@ -244,7 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     out = Path(args.out or Path(__file__).parent / args.table / "results")
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
+    try:
+        result = run(args)
+    except ValueError as exc:  # unknown model, impossible budget, ...: say it plainly
+        sys.exit(f"error: {exc}")
     tag = "cpu" if args.device == "cpu" else "cuda"
     (out / f"max_length_{tag}.json").write_text(json.dumps(result, indent=1))
     (out / f"max_length_{tag}.md").write_text(markdown(result))
