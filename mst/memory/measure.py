@@ -44,6 +44,26 @@ class MemoryReport:
         return {**asdict(self), "peak_gib": self.peak_gib}
 
 
+def _step_tracker():
+    """A MemTracker that accepts several forward passes of the same model in one measured call.
+
+    MemTracker refuses a second forward of a root module ("multiple iterative calls"), which is exactly what a
+    gradient-accumulation step does; its module statistics are not used here, so they are reset at each new
+    micro-step while the global peak, which is all ``measure_peak`` reads, keeps accumulating.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class _StepTracker(MemTracker):
+        def _pre_fw_hook(self, module: nn.Module, inputs) -> None:
+            name = self._mod_tracker.get_known_fqn(module)
+            if (module in self.memory_tracking and not self._mod_tracker.is_bw
+                    and set(self._mod_tracker.parents) - {name} == {"Global"}):
+                self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
+
+    return _StepTracker()
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -95,8 +115,6 @@ def measure_peak(fn: Callable[[], object], track: Iterable[nn.Module | torch.opt
     (everything else allocated during ``fn`` is activations / transient).
     ``method``: "tracker" (MemTracker, exact tensor bytes with a breakdown) or "rss" (CPU only, see module doc).
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     device = torch.device(device)
     track = list(track)
     _free()
@@ -109,7 +127,7 @@ def measure_peak(fn: Callable[[], object], track: Iterable[nn.Module | torch.opt
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    tracker = MemTracker()
+    tracker = _step_tracker()
     tracker.track_external(*track)
     with tracker:
         fn()

@@ -1,0 +1,150 @@
+"""Analytic engine: the paper's memory model (Theorems 1-3) with the exact tensor sizes of an HF decoder layer.
+
+Each term below is a tensor that HF's Llama-style code (or MsT's ops) creates, named as in the code, for the local
+shard of T tokens (legend: a = bytes per activation element, f = 4 for fp32, X = a T d one hidden state,
+Xf = f T d its fp32 copy, R = f T an RMSNorm rstd, Q = a T H hd, KV = a T Hkv hd, LSE = f T H, Mi = a T I one MLP
+intermediate, C = the chunk of a mini-sequence):
+
+- RMSNorm saves x in fp32 (Xf: the input itself in fp32, a copy in bf16), rstd (R) and the normalised x cast back
+  (X; Gemma-2 keeps it in fp32, Xf); its backward makes five Xf temporaries at once (pow, mean, rsqrt paths).
+- Attention saves q and k after RoPE, v, the output (which o_proj reuses as its input) and the fp32 logsumexp of a
+  flash kernel: 2Q + 2KV + LSE. The projections' inputs are the norm outputs.
+- The MLP saves gate, act(gate), up and their product: 4 Mi; its backward holds three more (dp, d act, d up).
+- MsT's MLP keeps only its input; backward recomputes one chunk of C = d tokens (6 chunk intermediates), writes an
+  X-sized input gradient and keeps fp32 weight-gradient accumulators (3 f d I) plus the chunk's bf16 gradients.
+- HF's loss upcasts the T x V logits to fp32 and saves log_softmax (f T V); its backward holds two more f T V.
+- MsT's LM head saves nothing but the hidden state and labels; per chunk of C = T / ceil(V/d) tokens it holds two
+  f C V (logits, softmax) and the previous chunk's a C V logits gradient, plus a V x d weight-gradient accumulator
+  (fp32 for low-precision weights).
+
+With checkpointing a layer keeps only its input (X) and its backward first recomputes the forward (Theorem 2); MsT
+shrinks what that recompute and the LM head hold (Theorem 3). ``compose`` turns these profiles into the step peak.
+Checked against the traced engine and against measured CPU steps in ``tests/memory``.
+"""
+from __future__ import annotations
+
+from .compose import HeadProfile, LayerProfile, adam_step_temporaries
+from .spec import FP32, INT64, ModelSpec, Workload, lm_head_chunk
+
+
+class _Sizes:
+    """The tensor sizes of the module docstring for one model and workload."""
+
+    def __init__(self, spec: ModelSpec, wl: Workload):
+        a, t = wl.act_bytes, wl.tokens
+        self.a, self.t, self.spec, self.wl = a, t, spec, wl
+        self.X, self.Xf, self.R = a * t * spec.hidden, FP32 * t * spec.hidden, FP32 * t
+        self.Q, self.KV, self.LSE = a * t * spec.q_dim, a * t * spec.kv_dim, FP32 * t * spec.heads
+        self.Mi = a * t * spec.intermediate
+        self.split = wl.chunked and t > spec.hidden  # MsT's MLP chunk C = d tokens, no split when T <= d
+        self.mlp_w = a * spec.hidden * spec.intermediate  # one MLP weight (or its gradient)
+        self.Mc = self.mlp_w  # one chunk intermediate, a C I with C = d: the same size as an MLP weight
+        self.low = a < FP32  # bf16/fp16: RMSNorm and the losses make fp32 copies
+        # one RMSNorm: its fp32 input (a copy in bf16; in fp32 the input itself), rstd, and the normalised x it
+        # keeps for the weight gradient (cast back in Llama, fp32 in Gemma-2); the output is saved by the next op
+        self.norm = self.Xf + self.R + (self.Xf if spec.gemma else self.X)
+        # its backward holds its fp32 input and five fp32 temporaries (four for a Llama norm in fp32: no casts)
+        self.norm_bwd = (5 if self.low or spec.gemma else 4) * self.Xf + self.Xf
+        self.att = 2 * self.Q + 2 * self.KV + self.LSE  # q, k after RoPE, v, output (o_proj's input), logsumexp
+
+    def layer_saved_vanilla(self) -> int:
+        """Every activation autograd keeps for one layer's backward (Theorem 1's A_mem x S)."""
+        outputs = 2 * self.X  # the outputs of the input norm and of the pre-MLP norm feed saving matmuls
+        return self.spec.norms_per_layer * self.norm + outputs + self.att + 4 * self.Mi
+
+
+def _layer(z: _Sizes) -> LayerProfile:
+    """Saved bytes and the forward/backward peaks of one decoder layer (see the module docstring)."""
+    s, wl, X = z.spec, z.wl, z.X
+    in_backward = wl.optimizer == "adamw_in_backward" and not wl.grad_accumulation
+    ckpt = X if wl.checkpointed and z.low else 0  # checkpointed input (fp32: it is the first norm's input)
+    nomlp = z.layer_saved_vanilla() - 4 * z.Mi  # norms, their outputs, attention
+    post = (z.norm if s.gemma else 0)  # Gemma-2's post-MLP norm is done (freed) when the MLP backward starts
+    if wl.checkpointed:
+        saved = X
+        mlp_fwd = 3 * z.Mc + 3 * X if z.split else 3 * z.Mi  # chunk intermediates, chunk outputs and their cat
+        attn_fwd = 2 * X + 4 * z.Q + 2 * z.KV  # input, norm output, q (+ RoPE's q cos, rotate_half, its sin), k, v
+        fwd_peak = max(3 * X + mlp_fwd, attn_fwd)  # input, h1 and the MLP input live through the MLP
+    else:
+        saved = z.layer_saved_vanilla()
+        fwd_peak = saved + 2 * X + (2 * X if z.low else 0)  # + output, down-proj output (+ input, h1 in bf16)
+    dh, mlp_grads = X, 3 * z.mlp_w
+    attn_grads = z.a * 2 * s.hidden * (s.q_dim + s.kv_dim)
+    before_mlp = ckpt + nomlp - post + dh
+    if z.split:  # chunk loop: 6 chunk intermediates, input-gradient buffer, fp32 accumulators + chunk gradients
+        # (Gemma-2: the MLP's output gradient comes from the post-MLP norm and lives through the loop)
+        before_mlp += X if s.gemma else 0
+        points = {"mlp": (before_mlp + X + 6 * z.Mc + 3 * FP32 * s.hidden * s.intermediate + 4 * z.mlp_w, 0),
+                  "mlp_end": (before_mlp + 2 * X + mlp_grads, mlp_grads)}
+        if z.low:  # the accumulators are cast back to bf16 while still alive
+            points["mlp_cast"] = (before_mlp + X + 3 * FP32 * s.hidden * s.intermediate + 6 * z.mlp_w, 0)
+    else:  # gate, act, up + dp, d act, d up (the product is released) and the down-proj weight gradient
+        points = {"mlp": (before_mlp + 6 * z.Mi + z.mlp_w, z.mlp_w)}
+    if s.gemma:  # the backward starts in the post-MLP norm, with everything else still saved
+        points["post_norm"] = (ckpt + nomlp + (0 if z.split else 4 * z.Mi) + dh + z.norm_bwd - z.norm, 0)
+    first = z.norm + X  # the input norm's saved tensors and its output
+    points["norm2"] = (ckpt + first + z.att + (z.norm if s.gemma else 0) + z.norm_bwd + dh + mlp_grads, mlp_grads)
+    points["attn"] = (ckpt + first + z.att + dh + 2 * z.Q + 2 * z.KV + mlp_grads, mlp_grads)
+    points["norm1"] = (ckpt + z.norm_bwd + dh + mlp_grads + attn_grads, mlp_grads + attn_grads)
+    if in_backward:  # each gradient is freed after its update; updating an MLP weight adds its temporaries
+        step = adam_step_temporaries(wl.device, True) * z.mlp_w
+        points = {k: (v - g, 0) for k, (v, g) in points.items()}
+        points["update"] = (before_mlp + 2 * X + mlp_grads + step, 0)
+    bwd_peak, grads = max(points.values())
+    return LayerProfile(saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak, bwd_peak_grads=grads,
+                        offloadable=X if wl.checkpointed else 0)
+
+
+def _head(z: _Sizes) -> HeadProfile:
+    """Final norm + LM head + loss, the shared tensors and the embedding backward."""
+    s, wl, a, t, X, f = z.spec, z.wl, z.a, z.t, z.X, FP32
+    V, d = s.vocab, s.hidden
+    labels = INT64 * wl.batch_size * (wl.local_seq + 1) + (INT64 * t if wl.batch_size > 1 else 0)
+    shared = 2 * a * wl.local_seq * s.head_dim + INT64 * wl.local_seq  # rotary cos, sin; position ids
+    # final norm (fp32 models keep its input, the last hidden state, as its fp32 input) and its output
+    base = z.norm + X
+    lm_grad, norm_grad = a * V * d, a * d
+    in_backward = wl.optimizer == "adamw_in_backward" and not wl.grad_accumulation
+    softcap = f if s.final_softcap else 0  # MsT keeps tanh(z / cap) per chunk; HF keeps it for all T x V
+    if wl.chunked:
+        chunk = lm_head_chunk(s, t)
+        saved = base + labels
+        fwd_peak = saved + f * t + (2 * f + 2 * softcap + (a if z.low else 0)) * chunk * V
+        acc = (f if z.low else a) * V * d  # the V x d gradient accumulator (the gradient itself in fp32)
+        loop = saved + t + f * t + INT64 * t + X + acc  # valid mask, token weights, safe labels, dh buffer
+        bwd_peak = loop + max((2 * f + softcap + a) * chunk * V, lm_grad if z.low else 0)
+        bwd_grads = 0 if z.low else acc
+    else:
+        logits = a * t * V
+        saved = base + labels + f * t * V + (logits if s.final_softcap else 0)
+        fwd_peak = base + labels + f * t * V + (f * t * V if z.low else 0) + logits * (2 if s.final_softcap else 1)
+        bwd_peak, bwd_grads = saved - labels + 2 * f * t * V, 0
+    # the final norm's backward (its fp32 input + temporaries) runs with the V x d gradient already made
+    norm_point = z.norm_bwd + (0 if in_backward and not s.tied else lm_grad)
+    if norm_point > bwd_peak:
+        bwd_peak, bwd_grads = norm_point, 0 if s.tied or in_backward else lm_grad
+    # the tied head's V x d gradient waits in autograd's buffer for the embedding's; the two are then summed
+    # out of place (3 V x d at once) before the single accumulation
+    emb_in = X * (2 if s.gemma else 1)  # Gemma-2 scales the embedding output: its gradient is one more X
+    step = adam_step_temporaries(wl.device, True) * lm_grad if in_backward else 0
+    if s.tied:
+        end, end_grads = X + norm_grad + lm_grad, norm_grad
+        emb_peak, emb_grads = norm_grad + max(emb_in + 2 * lm_grad, 3 * lm_grad), norm_grad + lm_grad
+    else:
+        end, end_grads = X + norm_grad + lm_grad, norm_grad + lm_grad
+        emb_peak, emb_grads = end - X + emb_in + lm_grad, end_grads + lm_grad
+    if in_backward:  # gradients are freed after their update (the embedding's adds its update temporaries)
+        if not s.tied:
+            bwd_peak = max(bwd_peak - bwd_grads, saved + X + lm_grad + step)
+            end, emb_peak = X, max(emb_in + lm_grad, lm_grad + step)
+        else:
+            end, emb_peak = X + lm_grad, max(emb_peak - norm_grad, lm_grad + step)
+        bwd_grads = end_grads = emb_grads = 0
+    return HeadProfile(shared=shared, fwd_peak=fwd_peak, saved=saved, bwd_peak=bwd_peak, bwd_peak_grads=bwd_grads,
+                       bwd_end=end, bwd_end_grads=end_grads, embed_bwd_peak=emb_peak, embed_bwd_peak_grads=emb_grads)
+
+
+def analytic_profiles(spec: ModelSpec, wl: Workload) -> tuple[LayerProfile, HeadProfile]:
+    """Layer and head profiles of ``spec`` under ``wl`` from the closed-form sizes above."""
+    sizes = _Sizes(spec, wl)
+    return _layer(sizes), _head(sizes)

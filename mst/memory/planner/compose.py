@@ -1,0 +1,153 @@
+"""Compose per-component memory profiles into the peak of a whole training step (the paper's Theorems 1-3).
+
+Both engines describe a step by the same few numbers, measured (traced engine) or computed (analytic engine) for
+the local shard of ``T = batch x seq_len / sp`` tokens:
+
+- ``LayerProfile``: what one decoder layer keeps from forward to backward (``saved``: every activation autograd
+  saves for vanilla; only the layer input for the checkpointed strategies) and the live bytes at the peak of its
+  forward and of its backward (for ``ac``/``mst`` the backward includes the recomputed forward);
+- ``HeadProfile``: the same for the final norm + LM head + loss, plus the tensors every layer shares (position ids,
+  rotary cos/sin) and the embedding's backward.
+
+The step is: forward with labels, ``loss.backward()``, ``AdamW.step()``, ``zero_grad(set_to_none=True)``, with the
+model output (and so any logits) released before backward, as HF's Trainer and ``model(...).loss.backward()`` do.
+Memory is then a sum of persistent terms (weights W, Adam state 2W, gradients), the stack of per-layer ``saved``
+(L of them during the forward, fewer as backward proceeds, while gradients grow) and one component's transient.
+Because those two stacks change linearly with the layer index, the largest layer-backward candidate is at the top
+or the bottom layer, so the peak is the maximum over a handful of phases:
+
+    forward of the last layer / of the head, backward of the head / of layer L / of layer 1 / of the embedding,
+    and the optimizer step (AdamW for-loop: two parameter-sized temporaries, ``denom = sqrt(v) / c + eps``).
+
+Theorem 1 (vanilla) is L x saved + head; Theorem 2 (checkpointing) has saved = one hidden state and moves the
+transient into the recomputed layer; Theorem 3 (MsT) shrinks the MLP and LM-head transients by the chunking.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .spec import FP32, ModelSpec, Workload
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One decoder layer (bytes). Peaks are absolute live bytes inside the layer's window (see module doc)."""
+
+    saved: int  # kept from forward to backward (with checkpointing: the layer input)
+    fwd_peak: int  # during forward, including the layer input
+    bwd_peak: int  # during backward: its saved + incoming gradient + transients + gradients made so far
+    bwd_peak_grads: int  # parameter gradients alive at that backward peak
+    offloadable: int = 0  # bytes of ``saved`` that mst_offload keeps on the host instead
+
+
+@dataclass(frozen=True)
+class HeadProfile:
+    """Embedding, shared tensors, final norm + LM head + loss (bytes, absolute within their windows)."""
+
+    shared: int  # alive from the embedding to the end of layer 1's backward (position ids, rotary cos/sin)
+    fwd_peak: int  # during the head forward, including its input (the last hidden state)
+    saved: int  # kept by the head after forward (output released)
+    bwd_peak: int  # during the head backward
+    bwd_peak_grads: int
+    bwd_end: int  # alive when the gradient reaches the last hidden state (head gradients + that gradient)
+    bwd_end_grads: int
+    embed_bwd_peak: int  # during the embedding backward (on top of the layers' gradients)
+    embed_bwd_peak_grads: int
+
+
+@dataclass
+class Plan:
+    """Predicted peak of one training step, where it happens, and what it is made of."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]  # weights, gradients, optimizer_state, activations, transient
+    phase: str  # the step phase that sets the peak
+    phases: dict[str, int] = field(default_factory=dict)  # every candidate phase's total
+    host_bytes: int = 0  # checkpoints held in CPU memory (mst_offload)
+    seq_len: int = 0
+    strategy: str = ""
+    engine: str = ""
+    model_type: str = ""
+    gpus: int = 1
+    batch_size: int = 1
+    dtype: str = ""
+    optimizer: str = ""
+    grad_accumulation: bool = False
+    device: str = "cuda"
+    gpu_mem_gb: float = 80.0
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GiB
+
+    def fits(self, gpu_mem_gb: float | None = None, reserve_gb: float = 0.0) -> bool:
+        """True when the peak fits ``gpu_mem_gb`` (default: the planned one) GiB minus ``reserve_gb``."""
+        return self.peak_bytes <= ((gpu_mem_gb or self.gpu_mem_gb) - reserve_gb) * GiB
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_gib": self.peak_gib}
+
+
+def adam_step_temporaries(device: str, per_parameter: bool) -> int:
+    """Parameter-sized temporaries of one AdamW update: the for-loop makes sqrt(v) and sqrt(v)/c (2); a
+    per-parameter optimizer (optimizer-in-backward) defaults to foreach on CUDA, which makes only sqrt(v) (1)."""
+    return 1 if per_parameter and device == "cuda" else 2
+
+
+def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfile, engine: str) -> Plan:
+    """Peak and breakdown of one training step from the component profiles (see the module docstring)."""
+    act, n_layers = wl.act_bytes, spec.layers
+    weights = spec.params * act + spec.buffer_bytes
+    n_tensors = n_layers * len(spec.layer_param_shapes()) + 2 + (0 if spec.tied else 1)
+    # AdamW keeps exp_avg and exp_avg_sq in the parameter dtype; its `step` counters are device tensors on CPU only
+    opt_state = 2 * spec.params * act + (FP32 * n_tensors if wl.device == "cpu" else 0)
+    grads_all = spec.params * act
+    layer_grads = spec.layer_params * act
+    in_backward = wl.optimizer == "adamw_in_backward"
+    resident = grads_all if wl.grad_accumulation else 0  # gradients alive through the whole micro-step
+    hidden = wl.tokens * spec.hidden * act  # one hidden state (the incoming gradient of a layer has this size)
+    host = layer.offloadable if wl.offload else 0
+    stacked = layer.saved - (host if wl.device == "cuda" else 0)  # device bytes one layer keeps till backward
+
+    def grads(made_before: int) -> int:
+        """Gradient bytes alive before a backward phase. With optimizer-in-backward the profiles already free
+        each gradient after its update; with accumulation every gradient is resident all along."""
+        if wl.grad_accumulation:
+            return resident
+        return 0 if in_backward else made_before
+
+    head_left = head.bwd_end - head.bwd_end_grads - hidden  # what the head leaves besides its grads and dh
+    phases: dict[str, tuple[int, int, int]] = {}  # name -> (total, gradients, activations)
+
+    def add(name: str, grads_alive: int, stack: int, peak: int, peak_grads: int = 0, own_saved: int = 0):
+        """One candidate: persistent terms + stacked activations + one component's peak (+ its own saved)."""
+        phases[name] = (weights + opt_state + grads_alive + stack + peak, grads_alive + peak_grads, stack + own_saved)
+
+    add("forward: last layer", resident, head.shared + (n_layers - 1) * stacked, layer.fwd_peak)
+    add("forward: LM head + loss", resident, head.shared + n_layers * stacked, head.fwd_peak)
+    add("backward: LM head + loss", grads(0), head.shared + n_layers * stacked, head.bwd_peak, head.bwd_peak_grads,
+        own_saved=head.saved)
+    for index, label in ((n_layers, "backward: top layer"), (1, "backward: bottom layer")):
+        made = head.bwd_end_grads + (n_layers - index) * layer_grads
+        add(label, grads(made), head.shared + (index - 1) * stacked + head_left, layer.bwd_peak,
+            layer.bwd_peak_grads, own_saved=stacked)
+    # accumulating with optimizer-in-backward: the last micro-step also runs each update's temporaries
+    last_update = adam_step_temporaries(wl.device, True) * spec.largest_param * act if in_backward else 0
+    add("backward: embedding", grads(n_layers * layer_grads), 0, head.embed_bwd_peak + last_update * (resident > 0),
+        head.embed_bwd_peak_grads)
+    if wl.optimizer == "adamw":
+        add("optimizer step", grads_all, 0, adam_step_temporaries(wl.device, False) * spec.largest_param * act)
+
+    name = max(phases, key=lambda k: phases[k][0])
+    total, grads_at_peak, activations = phases[name]
+    breakdown = {"weights": weights, "gradients": grads_at_peak, "optimizer_state": opt_state,
+                 "activations": activations, "transient": total - weights - opt_state - grads_at_peak - activations}
+    return Plan(peak_bytes=total, breakdown=breakdown, phase=name, phases={k: v[0] for k, v in phases.items()},
+                host_bytes=n_layers * host, seq_len=wl.seq_len, strategy=wl.strategy, engine=engine,
+                model_type=spec.model_type, gpus=wl.sp, batch_size=wl.batch_size, dtype=str(wl.dtype).split(".")[-1],
+                optimizer=wl.optimizer, grad_accumulation=wl.grad_accumulation, device=wl.device)
+
+
+__all__ = ["GiB", "HeadProfile", "LayerProfile", "Plan", "adam_step_temporaries", "compose"]

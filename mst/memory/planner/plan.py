@@ -1,0 +1,114 @@
+"""``plan`` (the peak of one training step) and ``max_seq_len`` (the longest sequence that fits), either engine.
+
+    from mst.configs import load_config
+    from mst.memory import plan, max_seq_len
+    p = plan(load_config("llama3-8b"), 60_000, "mst", optimizer="adamw_in_backward")
+    p.peak_gib, p.phase, p.breakdown                   # e.g. where the step peaks and what it is made of
+    max_seq_len(load_config("llama3-8b"), "mst", gpu_mem_gb=80, optimizer="adamw_in_backward")
+
+The planner predicts what tensors hold (the number ``torch.cuda.max_memory_allocated`` tracks, up to allocator
+rounding): on a GPU add the CUDA context, cuBLAS workspaces and fragmentation, hence ``reserve_gb``.
+Sequence parallelism (``gpus`` > 1, DeepSpeed-Ulysses): each rank holds S / gpus tokens for the MLP, norms, LM head
+and checkpoints, and attention runs on heads / gpus over the full sequence, which is the same number of bytes;
+weights, gradients and optimizer state are replicated (no ZeRO). The all-to-all adds one set of q, k, v buffers to
+a layer's forward and backward peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import PretrainedConfig
+
+from .analytic import analytic_profiles
+from .compose import GiB, Plan, compose
+from .spec import ModelSpec, Workload
+
+ENGINES = ("analytic", "traced")
+DEFAULT_RESERVE_GB = 1.5  # an "80 GB" card exposes ~79.2 GiB; CUDA context + cuBLAS + fragmentation take ~1 GiB more
+
+
+def _resolve(config: PretrainedConfig | str) -> PretrainedConfig:
+    if isinstance(config, str):
+        from ...configs import load_config
+
+        return load_config(config)
+    return config
+
+
+def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *, gpus: int = 1, gpu_mem_gb: float = 80.0,
+         optimizer: str = "adamw", dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False,
+         engine: str = "analytic", batch_size: int = 1, device: str = "cuda",
+         mst_options: dict | None = None) -> Plan:
+    """Predicted peak memory of one training step of ``config`` (an HF config or a ``mst.configs`` name).
+
+    strategy: "vanilla" | "ac" | "mst" | "mst_offload"; optimizer: "adamw" (for-loop AdamW, the repo's training
+    step) | "adamw_in_backward" (``mst.memory.optimizer_in_backward``); grad_accumulation: a micro-step in the
+    middle of a long accumulation window (every gradient resident); engine: "analytic" | "traced".
+    ``device="cpu"`` plans a CPU run instead (offloaded checkpoints count, CPU AdamW defaults), used to validate
+    the planner against measured CPU steps. ``gpu_mem_gb`` only fills ``Plan.gpu_mem_gb`` (see ``Plan.fits``).
+    ``mst_options``: what-if ``mst.apply`` options for the traced engine, e.g. ``{"mlp_mode": "naive",
+    "lm_head_chunks": 64}`` to model the official code (paper.md §5.2: its MLP loop keeps every chunk's
+    intermediates).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    config = _resolve(config)
+    spec = ModelSpec.from_config(config)
+    wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp=gpus, dtype=dtype,
+                  optimizer=optimizer, grad_accumulation=grad_accumulation, device=device,
+                  mst_options=tuple(sorted((mst_options or {}).items())))
+    wl.check_heads(spec)
+    if wl.mst_options and engine != "traced":
+        raise ValueError("mst_options are modelled by the traced engine only (engine='traced')")
+    if engine == "traced":
+        from .traced import traced_profiles
+
+        layer, head = traced_profiles(config, wl)
+    else:
+        layer, head = analytic_profiles(spec, wl)
+    if gpus > 1:  # Ulysses all-to-all: q, k, v (and back the output) exist twice during the exchange
+        a2a = wl.act_bytes * wl.tokens * (spec.q_dim + 2 * spec.kv_dim)
+        layer = dataclasses.replace(layer, fwd_peak=layer.fwd_peak + a2a, bwd_peak=layer.bwd_peak + a2a)
+    result = compose(spec, wl, layer, head, engine)
+    result.gpu_mem_gb = gpu_mem_gb
+    return result
+
+
+def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: int = 1, gpu_mem_gb: float = 80.0,
+                reserve_gb: float = DEFAULT_RESERVE_GB, optimizer: str = "adamw",
+                dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False, engine: str = "analytic",
+                batch_size: int = 1, granularity: int = 256, max_len: int = 1 << 23, device: str = "cuda",
+                mst_options: dict | None = None) -> int:
+    """Longest sequence (a multiple of ``granularity`` x ``gpus``) whose planned peak fits ``gpu_mem_gb`` GiB
+    minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak grows with S).
+
+    Raises ValueError when weights + optimizer state (+ resident gradients) alone exceed the budget.
+    """
+    if granularity <= 0 or gpu_mem_gb <= 0:
+        raise ValueError(f"granularity and gpu_mem_gb must be positive, got {granularity}, {gpu_mem_gb}")
+    budget = (gpu_mem_gb - reserve_gb) * GiB
+    step = granularity * gpus
+    kwargs = dict(gpus=gpus, gpu_mem_gb=gpu_mem_gb, optimizer=optimizer, dtype=dtype,
+                  grad_accumulation=grad_accumulation, engine=engine, batch_size=batch_size, device=device,
+                  mst_options=mst_options)
+    config = _resolve(config)
+    first = plan(config, step, strategy, **kwargs)
+    static = first.breakdown["weights"] + first.breakdown["optimizer_state"] + (
+        first.breakdown["gradients"] if grad_accumulation else 0)
+    if static > budget:
+        raise ValueError(f"weights and optimizer state alone need {static / GiB:.1f} GiB, more than the "
+                         f"{gpu_mem_gb - reserve_gb:.1f} GiB budget ({gpu_mem_gb} GiB - {reserve_gb} GiB reserve)")
+    if first.peak_bytes > budget:
+        return 0
+    lo, hi = 1, 2  # in granules
+    while hi * step <= max_len and plan(config, hi * step, strategy, **kwargs).peak_bytes <= budget:
+        lo, hi = hi, hi * 2
+    hi = min(hi, max_len // step + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if plan(config, mid * step, strategy, **kwargs).peak_bytes <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo * step

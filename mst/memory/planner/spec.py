@@ -1,0 +1,175 @@
+"""What the planner needs to know about a model and a training step, read from an HF config.
+
+``ModelSpec`` is the handful of shapes every memory term is a function of (d, I, L, heads, KV heads, head_dim, V,
+tied embeddings, and the Gemma-2 differences), plus exact parameter counts. ``Workload`` is one training step:
+sequence length, batch, Ulysses sequence-parallel size, dtype, strategy, optimizer, gradient accumulation, and the
+device whose allocator conventions apply. Both are plain frozen dataclasses so plans can be cached and compared.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from ..strategies import OPTIMIZERS, STRATEGIES
+
+# model types whose decoder layer the analytic engine models term by term (the traced engine runs the HF code)
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
+FP32 = 4  # bytes: RMSNorm statistics, loss logits and the chunked LM head's gradient accumulator are fp32
+INT64 = 8
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of an HF Llama-style causal LM (the planner's view of a config)."""
+
+    model_type: str
+    hidden: int  # d
+    intermediate: int  # I
+    layers: int  # L
+    heads: int  # H (query heads)
+    kv_heads: int  # H_kv
+    head_dim: int
+    vocab: int  # V
+    tied: bool  # lm_head shares the embedding matrix
+    attn_bias: bool  # bias on q/k/v (Qwen2)
+    out_bias: bool  # bias on o_proj (Llama with attention_bias=True)
+    mlp_bias: bool
+    gemma: bool  # Gemma-2: 4 RMSNorms per layer computed in fp32 as x * (1 + w), embeddings scaled by sqrt(d)
+    final_softcap: float | None  # Gemma-2 final-logit softcapping (vanilla HF builds 3 extra S x V tensors)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> "ModelSpec":
+        model_type = getattr(config, "model_type", "?")
+        if model_type not in FAMILIES:
+            raise ValueError(f"the memory planner models {', '.join(FAMILIES)}; got model_type {model_type!r}")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(model_type=model_type, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                   layers=config.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   attn_bias=attention_bias or model_type == "qwen2", out_bias=attention_bias,
+                   mlp_bias=bool(getattr(config, "mlp_bias", False)), gemma=model_type == "gemma2",
+                   final_softcap=getattr(config, "final_logit_softcapping", None))
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def norms_per_layer(self) -> int:
+        return 4 if self.gemma else 2
+
+    def layer_param_shapes(self) -> list[int]:
+        """Element counts of one decoder layer's parameter tensors."""
+        d, inter = self.hidden, self.intermediate
+        flat = [d * self.q_dim, d * self.kv_dim, d * self.kv_dim, self.q_dim * d] + [d * inter] * 3
+        if self.attn_bias:
+            flat += [self.q_dim, self.kv_dim, self.kv_dim]
+        if self.out_bias:
+            flat.append(d)
+        if self.mlp_bias:
+            flat += [inter, inter, d]
+        return flat + [d] * self.norms_per_layer
+
+    @property
+    def layer_params(self) -> int:
+        return sum(self.layer_param_shapes())
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        """Final norm + lm_head (0 extra for the head matrix when tied to the embedding)."""
+        return self.hidden + (0 if self.tied else self.vocab * self.hidden)
+
+    @property
+    def params(self) -> int:
+        return self.embed_params + self.layers * self.layer_params + self.head_params
+
+    @property
+    def largest_param(self) -> int:
+        return max(self.embed_params, max(self.layer_param_shapes()))
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Rotary ``inv_freq`` and ``original_inv_freq`` (fp32, head_dim / 2 each)."""
+        return 2 * FP32 * (self.head_dim // 2)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step to plan (see ``mst.memory.plan``)."""
+
+    seq_len: int
+    strategy: str = "mst"
+    batch_size: int = 1
+    sp: int = 1  # Ulysses sequence-parallel size (GPUs)
+    dtype: torch.dtype = torch.bfloat16
+    optimizer: str = "adamw"
+    grad_accumulation: bool = False
+    device: str = "cuda"  # "cpu" counts offloaded checkpoints as resident and uses CPU AdamW's for-loop
+    mst_options: tuple = ()  # extra ``mst.apply`` options as (name, value) pairs (traced engine only)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        for name in ("seq_len", "batch_size", "sp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seq_len % self.sp:
+            raise ValueError(f"seq_len {self.seq_len} is not divisible by the sequence-parallel size {self.sp}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of the sequence one rank holds (MLP, norms, LM head and checkpoints run on this shard)."""
+        return self.seq_len // self.sp
+
+    @property
+    def tokens(self) -> int:
+        """T: tokens per rank (batch x local sequence)."""
+        return self.batch_size * self.local_seq
+
+    @property
+    def act_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def checkpointed(self) -> bool:
+        return self.strategy != "vanilla"
+
+    @property
+    def chunked(self) -> bool:
+        return self.strategy in ("mst", "mst_offload")
+
+    @property
+    def offload(self) -> bool:
+        return self.strategy == "mst_offload"
+
+    def check_heads(self, spec: ModelSpec) -> None:
+        """Ulysses splits heads across ranks: both head counts must divide by the SP size."""
+        if spec.heads % self.sp or spec.kv_heads % self.sp:
+            raise ValueError(f"sequence-parallel size {self.sp} must divide the attention heads ({spec.heads}) "
+                             f"and the KV heads ({spec.kv_heads})")
+
+
+def lm_head_chunk(spec: ModelSpec, tokens: int) -> int:
+    """Tokens per chunk of MsT's LM head: M = ceil(V / d) chunks (``mst.ops.lm_head_chunk_tokens`` default)."""
+    return max(1, math.ceil(tokens / math.ceil(spec.vocab / spec.hidden)))
