@@ -1,6 +1,6 @@
 """Planner vs measurement, and the planner's Llama3-8B / Llama2-7B limits on one 80 GB GPU (paper Table 2).
 
-    bash experiments/planner/run.sh                    # CPU: fp32 tiny models, measured with MemTracker (~3 min)
+    bash experiments/planner/run.sh                    # CPU: fp32 tiny models, MemTracker (16 min, 2 shared cores)
     bash experiments/planner/run.sh --quick            # one size, two lengths (notebook / smoke test)
     bash experiments/planner/run.sh --device cuda      # same grid in bf16 on a GPU (allocator peak measured too)
     bash experiments/planner/run.sh --replot           # summary.md and PNGs again from the committed JSON
