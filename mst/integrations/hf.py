@@ -180,6 +180,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
       offload_checkpoints (bool): keep the checkpointed layer inputs on CPU between forward and backward.
 
     With labels, ``model(...)`` returns the exact loss and ``logits=None``; without labels, normal logits.
+    Pre-shifted ``shift_labels=`` alone also yields the loss (unlike HF, which then computes none): sequence
+    parallelism shifts labels before sharding and passes only those.
     Calling apply again replaces the options (it never stacks patches).
     """
     unknown = set(options) - set(MsTOptions.__dataclass_fields__)
