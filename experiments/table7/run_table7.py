@@ -17,7 +17,6 @@ Results: experiments/table7/results/table7_<device>.{json,md}, curves/*.csv, tab
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import platform
@@ -32,6 +31,7 @@ import mst
 import transformers
 from mst.data import (LongAlpacaDataset, MicroBatches, heldout_sample, load_tokenizer, pad_collate, packed_dataset,
                       write_eval_tasks)
+from mst.memory.measure import free_memory
 from mst.memory.strategies import prepare
 from mst.train import (PRESETS, TrainConfig, build_model, fit_contexts, heldout_perplexity, load_checkpoint,
                        run_lm_eval, train, window_batches)
@@ -203,13 +203,6 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def free() -> None:
-    """Return memory of models the caller has just ``del``-ed (one model at a time on the GPU)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ---- tasks: lm-eval data from held-out documents ---------------------------------------------------------------
 if "tasks" in parts and not (HERE / "tasks" / "data" / "next_verse.jsonl").exists():
     write_eval_tasks(HERE / "tasks" / "data", corpus=args.corpus)
@@ -230,7 +223,7 @@ if "exact" in parts:
                        "tokens_per_s": {s: sum(x["tokens_per_s"] for x in r[1:]) / max(1, len(r) - 1)
                                         for s, r in runs.items()}}
     del weights, m
-    free()
+    free_memory()
     save_record()
     print("[table7] exact:", {k: v for k, v in record["exact"].items() if "dloss" in k or "dparam" in k})
 
@@ -243,7 +236,7 @@ if "bf16" in parts:
         model, runs[name] = run(f"bf16_{name}", strategy, L, args.bf16_steps, preset=args.model,
                                 dtype=torch.bfloat16, micro_order=order, grad_accum=args.bf16_grad_accum)
         del model
-        free()
+        free_memory()
     record["bf16"] = {"model": args.model, "context": L, "dtype": "bf16", "grad_accum": args.bf16_grad_accum,
                       "mst_vs_vanilla": max_diff(runs["vanilla"], runs["mst"]),
                       "noise_vanilla_reverse_vs_vanilla": max_diff(runs["vanilla"], runs["vanilla_reverse"]),
@@ -282,7 +275,7 @@ if "context" in parts:
                               "final_train_loss": rows[-1]["loss"], "heldout_own_context": own,
                               f"heldout_at_{ac_ctx}": short, "lm_eval": lm}
         del model
-        free()
+        free_memory()
     record["context"] = {**fit, "ac_context": ac_ctx, "mst_context": mst_ctx, "context_max": args.context_max,
                          "runs": ctx_runs, "ppl_ratio_ac_over_mst": ctx_runs["ac"]["heldout_own_context"]["ppl"]
                          / ctx_runs["mst"]["heldout_own_context"]["ppl"]}
@@ -300,7 +293,7 @@ if "lmeval" in parts and "exact" in parts:
         load_checkpoint(work / ckpt / "checkpoint.pt", model=m)
         evals[name] = run_lm_eval(prepare(m, strategy, **mst_opts), tok, tasks, HERE / "tasks", max_length=L)
         del m
-        free()
+        free_memory()
     record["lm_eval"] = {"max_length": L, "results": evals}
     save_record()
     print("[table7] lm_eval:", json.dumps(evals))

@@ -8,14 +8,13 @@ freed, and the search goes on: first doubling from ``start`` until a failure, th
 """
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
-from .measure import measure_peak
+from .measure import free_memory, measure_peak
 
 StepFactory = Callable[[int], tuple[Callable[[], object], list]]  # seq_len -> (step_fn, modules/optimizers to track)
 
@@ -47,12 +46,6 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, device: torch.device,
               warmup_steps: int = 1, method: str = "tracker") -> tuple[Trial, dict]:
     """One length: warm-up steps, then a measured step. Returns the trial and the peak breakdown."""
@@ -74,7 +67,7 @@ def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, de
         return Trial(seq_len, False, error=f"OOM: {str(exc).splitlines()[0][:120]}"), {}
     finally:
         step = track = None  # noqa: F841  (drop references before freeing)
-        _free(device)
+        free_memory()
 
 
 def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, device: str | torch.device = "cpu",

@@ -64,7 +64,8 @@ def _step_tracker():
     return _StepTracker()
 
 
-def _free() -> None:
+def free_memory() -> None:
+    """Return memory of tensors just dropped: collect cycles, and hand CUDA's cached blocks back."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -117,7 +118,7 @@ def measure_peak(fn: Callable[[], object], track: Iterable[nn.Module | torch.opt
     """
     device = torch.device(device)
     track = list(track)
-    _free()
+    free_memory()
     if method == "rss":
         if device.type != "cpu":
             raise ValueError("method='rss' measures host memory; use method='tracker' on CUDA")

@@ -27,6 +27,13 @@ def autocast_state(device_type: str) -> dict:
             "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
 
 
+def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """fn over mini-sequences of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, d)
+    out = torch.cat([fn(c) for c in flat.split(chunk_tokens)], dim=0)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def resolve_chunk_tokens(n_tokens: int, chunk_tokens: int | None = None, num_chunks: int | None = None,
                          default: int | None = None) -> int:
     """Tokens per mini-sequence from either a token count or a chunk count M (paper: C = d, no split when N <= C)."""
@@ -53,10 +60,8 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, fn: MLPFn, chunk_tokens: int, *params: torch.Tensor) -> torch.Tensor:
         ctx.fn, ctx.chunk_tokens, ctx.autocast = fn, chunk_tokens, autocast_state(x.device.type)
         ctx.save_for_backward(x, *params)
-        flat = x.detach().reshape(-1, x.shape[-1])  # (N, d); detached so no view claims to need grad
-        with torch.no_grad():
-            out = torch.cat([fn(c) for c in flat.split(chunk_tokens)], dim=0)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        with torch.no_grad():  # detached so no chunk view claims to need grad
+            return _map_chunks(fn, x.detach(), chunk_tokens)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -112,14 +117,10 @@ def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor]
     if n_tokens <= chunk_tokens:
         return fn(x)
     if mode == "naive":
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.cat([fn(c) for c in flat.split(chunk_tokens)], dim=0)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _map_chunks(fn, x, chunk_tokens)
     if mode != "recompute":
         raise ValueError(f"mode must be 'recompute' or 'naive', got {mode!r}")
     if not torch.is_grad_enabled():
         with torch.no_grad():
-            flat = x.detach().reshape(-1, x.shape[-1])
-            out = torch.cat([fn(c) for c in flat.split(chunk_tokens)], dim=0)
-        return out.view(*x.shape[:-1], out.shape[-1])
+            return _map_chunks(fn, x.detach(), chunk_tokens)
     return MiniSequenceMLPFunction.apply(x, fn, chunk_tokens, *params)
