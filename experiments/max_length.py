@@ -56,13 +56,20 @@ def build_model(config, device: torch.device, dtype: torch.dtype, weights: str |
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def search_one(config, strategy: str, args, budget: int | None, device: torch.device, start: int,
+def search_one(config, strategy: str, args, free_bytes: int | None, device: torch.device, start: int,
                granularity: int, bar) -> dict:
+    """Search one strategy. ``free_bytes`` (CPU emulation) is added to this model's own static bytes -- weights,
+    gradients and optimizer state, i.e. the peak of a 16-token step -- to form the budget; None = the real device."""
     model = prepare(build_model(config, device, args.dtype, args.weights), strategy)
     step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
 
     def make_step(seq_len: int):
         return (lambda: step(seq_len)), track
+
+    budget = None
+    if free_bytes is not None:
+        static, _ = run_trial(make_step, 16, None, device, method="rss")
+        budget = int(static.peak_bytes) + free_bytes
 
     def progress(trial):
         bar.set_postfix_str(f"{strategy} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
@@ -72,14 +79,6 @@ def search_one(config, strategy: str, args, budget: int | None, device: torch.de
                                 method="rss" if device.type == "cpu" else "tracker")
     del model
     return result.to_dict()
-
-
-def static_bytes_small(config, strategy: str, args) -> int:
-    """Weights + gradients + optimizer state of the small model: the peak of a 16-token training step."""
-    model = prepare(build_model(config, torch.device("cpu"), args.dtype, None), strategy)
-    step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
-    trial, _ = run_trial(lambda _: ((lambda: step(16)), track), 16, None, torch.device("cpu"), method="rss")
-    return int(trial.peak_bytes)
 
 
 def static_bytes_full(config, strategy: str, args) -> float:
@@ -121,15 +120,14 @@ def run(args) -> dict:
                 cell = {"planner_full": predicted}
                 if device.type == "cpu":
                     free_full = (args.gpu_mem_gb - DEFAULT_RESERVE_GB) * GiB - static_bytes_full(full, strategy, args)
-                    budget = static_bytes_small(small, strategy, args) + int(free_full * k * t * dtype_factor)
                     # the planner seeds the search (half its scaled prediction), so a few trials bracket the limit
                     expect = max(64, int(predicted * t))
                     start = max(32, expect // 2 // 16 * 16)
-                    found = search_one(small, strategy, args, budget, device, start=start,
-                                       granularity=max(16, expect // 32 // 16 * 16), bar=bar)
+                    found = search_one(small, strategy, args, int(free_full * k * t * dtype_factor), device,
+                                       start=start, granularity=max(16, expect // 32 // 16 * 16), bar=bar)
                     cell.update(measured_small=found["max_seq_len"], measured_full_equiv=round(found["max_seq_len"] / t),
-                                budget_bytes=budget, search=found)
-                    cell["planner_small"] = planner_small(small, strategy, budget, args)
+                                budget_bytes=found["budget_bytes"], search=found)
+                    cell["planner_small"] = planner_small(small, strategy, found["budget_bytes"], args)
                 else:
                     found = search_one(full, strategy, args, None, device, start=max(1024, predicted // 2 // 1024 * 1024),
                                        granularity=1024, bar=bar)
