@@ -17,6 +17,15 @@ Gradients. The parameters are replicated, so rank r holds only its partial dL/dt
 them over the SP group and averages over data-parallel replicas in the same collective (an all-reduce over the
 whole world divided by dp), once per step, in dtype buckets. Under DDP / ZeRO, let those do this reduction instead
 over the same ranks (sum over SP, mean over DP).
+
+Double gradient averaging (LSS, backends with ``double_averaging``): the LSS Transformer averages gradients over
+the sequence-parallel and data-parallel groups together, i.e. one all-reduce over the whole sp x dp grid divided by
+sp * dp. For that average to be the gradient of the global mean loss, each rank's term is seeded with sp * l_r =
+s_r / (N / sp) (its summed loss over the mean valid-label count per segment) in ``_SumOverGroup``'s backward.
+This is the same number as the default "sum over SP, mean over DP" (sp * g / (sp * dp) = g / dp), one all-reduce
+either way; it is written out so that the LSS path reads as the paper describes it. The paper averages each
+segment's own mean loss, which equals this only when every segment has the same number of valid labels; dividing
+by the global count keeps ignored labels and padding exact.
 """
 from __future__ import annotations
 
@@ -27,21 +36,23 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .sequence_parallel import SequenceParallel
+from .sequence_parallel import BACKENDS, SequenceParallel
 
 
 class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) of one scalar over ``group`` in forward; identity in backward (see module docstring)."""
+    """All-reduce (sum) of one scalar over ``group`` in forward; backward seeds this rank's term with
+    ``seed_scale`` x the incoming gradient: 1 (identity, see module docstring), or sp under double averaging."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, local: torch.Tensor, group, seed_scale: int) -> torch.Tensor:
+        ctx.seed_scale = seed_scale
         total = local.detach().clone()
         dist.all_reduce(total, group=group)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad * ctx.seed_scale if ctx.seed_scale != 1 else grad, None, None
 
 
 def _placement(model: nn.Module, sp: SequenceParallel | None) -> SequenceParallel:
@@ -68,12 +79,15 @@ def sp_loss(model: nn.Module, shard: Mapping[str, torch.Tensor], sp: SequencePar
         dist.all_reduce(count, group=sp.group)
     out = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], labels=labels,
                 shift_labels=labels, num_items_in_batch=count, ignore_index=ignore_index, use_cache=False)
-    return _SumOverGroup.apply(out.loss, sp.group) if sp.size > 1 else out.loss
+    if sp.size == 1:
+        return out.loss
+    return _SumOverGroup.apply(out.loss, sp.group, sp.size if BACKENDS[sp.backend].double_averaging else 1)
 
 
 def reduce_gradients(model: nn.Module, sp: SequenceParallel | None = None, *,
                      bucket_bytes: int = 1024 ** 2) -> None:
-    """Sum the parameter gradients over the SP group and average them over data-parallel replicas, in place.
+    """Sum the parameter gradients over the SP group and average them over data-parallel replicas, in place
+    (under double averaging, LSS: average over all sp x dp ranks; the same result, see the module docstring).
 
     Gradients smaller than ``bucket_bytes`` are packed into buckets of at most that size (one all-reduce each,
     costing one bucket of extra memory); larger ones are all-reduced in place. The small default keeps the extra
@@ -90,9 +104,10 @@ def reduce_gradients(model: nn.Module, sp: SequenceParallel | None = None, *,
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    divisor = sp.size * sp.dp_size if BACKENDS[sp.backend].double_averaging else sp.dp_size
     for grads in by_dtype.values():
         for bucket in _buckets(grads, bucket_bytes):
-            _reduce(bucket, sp.dp_size)
+            _reduce(bucket, divisor)
 
 
 def _buckets(grads: list[torch.Tensor], limit: int):
@@ -112,12 +127,12 @@ def _buckets(grads: list[torch.Tensor], limit: int):
         yield bucket
 
 
-def _reduce(grads: list[torch.Tensor], dp_size: int) -> None:
-    """One all-reduce (sum over the world) of ``grads``, in place, divided by the data-parallel degree."""
+def _reduce(grads: list[torch.Tensor], divisor: int) -> None:
+    """One all-reduce (sum over the world) of ``grads``, in place, divided by ``divisor`` (dp, or sp * dp)."""
     flat = grads[0] if len(grads) == 1 else _flatten_dense_tensors(grads)
     dist.all_reduce(flat)
-    if dp_size > 1:
-        flat.div_(dp_size)
+    if divisor > 1:
+        flat.div_(divisor)
     if len(grads) > 1:
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)

@@ -5,11 +5,15 @@
     loss = mst.distributed.sp_loss(model, shard)                           # exact global mean loss
     loss.backward(); mst.distributed.reduce_gradients(model)               # one reduction per gradient
 
-Ranks are split into consecutive SP groups of ``sp_size`` ranks ([0..sp-1], [sp..2sp-1], ...); the groups are
-data-parallel replicas of each other. The backend is chosen by name from ``BACKENDS``: "ulysses" (DeepSpeed
-all-to-all heads <-> sequence around attention) is the one implemented; a second one (e.g. "lss", the
-Long-Short-Sequence transformer's distributed attention) is added as one more ``Backend`` row (validate, install,
-uninstall); nothing else in the SP path (sharding, loss, gradient reduction) depends on the backend.
+Ranks form a 2-D grid, data-parallel replicas x sequence-parallel groups: rank = dp_rank * sp_size + sp_rank,
+so each SP group is ``sp_size`` consecutive ranks ([0..sp-1], [sp..2sp-1], ...; on one node when sp_size fits
+one), the heavy attention traffic stays inside it, and only the gradient all-reduce spans the grid. The backend
+is chosen by name from ``BACKENDS`` (one ``Backend`` row each: validate, install, uninstall):
+- "ulysses": DeepSpeed-Ulysses, all-to-all heads <-> sequence around attention (heads must split over sp);
+- "lss": the LSS Transformer's segment attention, one fused all-gather of [K; V] per layer, any head count, and
+  double gradient averaging (``double_averaging``: the gradient all-reduce averages over the whole grid);
+- "allgather": the naive baseline (all-gather of the full Q, K, V activations, full attention on every rank).
+Nothing else in the SP path (sharding, loss, gradient reduction) depends on the backend.
 
 MsT composes unchanged: ``mst.apply`` patches the MLPs and LM-head, which are token-wise and simply see the local
 shard; order of the two calls does not matter.
@@ -22,7 +26,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 from torch import nn
 
-from . import ulysses
+from . import lss, ulysses
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class SequenceParallel:
     group: Any
     backend: str
     dp_size: int = 1
+    dp_rank: int = 0  # which data-parallel replica (row of the SP x DP grid) this rank belongs to
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,16 @@ class Backend:
     validate: Callable[[Any, int], None]  # (model config, sp_size) -> raise ValueError if unsupported
     install: Callable[[nn.Module, Any, str], None]  # (model, SP process group, torch.distributed backend name)
     uninstall: Callable[[nn.Module], None]
+    # LSS: each rank's loss term is scaled by sp and gradients are averaged over all sp x dp ranks, instead of
+    # summed over SP and averaged over DP (the same numbers; see mst.distributed.loss)
+    double_averaging: bool = False
 
 
-BACKENDS: dict[str, Backend] = {"ulysses": Backend(ulysses.validate, ulysses.install, ulysses.uninstall)}
+BACKENDS: dict[str, Backend] = {
+    "ulysses": Backend(ulysses.validate, ulysses.install, ulysses.uninstall),
+    "lss": Backend(lss.validate, lss.install, ulysses.uninstall, double_averaging=True),
+    "allgather": Backend(lss.validate, lss.install_allgather, ulysses.uninstall),
+}
 
 
 def validate_sp_config(config: Any, sp_size: int, backend: str = "ulysses") -> None:
@@ -57,8 +69,8 @@ def validate_sp_config(config: Any, sp_size: int, backend: str = "ulysses") -> N
     BACKENDS[backend].validate(config, sp_size)
 
 
-def _new_groups(sp_size: int) -> tuple[Any, int, int]:
-    """Create every rank's SP group (all ranks must call this together); returns (my group, my SP rank, dp)."""
+def _new_groups(sp_size: int) -> tuple[Any, int, int, int]:
+    """Create every rank's SP group (all ranks call this together); returns (my group, SP rank, dp, dp rank)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % sp_size:
         raise ValueError(f"world size {world} is not divisible by sp_size={sp_size}")
@@ -67,7 +79,7 @@ def _new_groups(sp_size: int) -> tuple[Any, int, int]:
         group = dist.new_group(list(range(start, start + sp_size)))
         if start <= rank < start + sp_size:
             mine = group
-    return mine, rank % sp_size, world // sp_size
+    return mine, rank % sp_size, world // sp_size, rank // sp_size
 
 
 def setup_sequence_parallel(model: nn.Module, sp_size: int, backend: str = "ulysses") -> SequenceParallel:
@@ -81,14 +93,15 @@ def setup_sequence_parallel(model: nn.Module, sp_size: int, backend: str = "ulys
     teardown_sequence_parallel(model)
     if sp_size == 1:
         dp = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        sp = SequenceParallel(size=1, rank=0, group=None, backend=backend, dp_size=dp)
+        dp_rank = dist.get_rank() if dp > 1 else 0
+        sp = SequenceParallel(size=1, rank=0, group=None, backend=backend, dp_size=dp, dp_rank=dp_rank)
     else:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"sp_size={sp_size} needs torch.distributed initialised first "
                                "(torchrun / SLURM: see mst.distributed.init_distributed)")
-        group, rank, dp = _new_groups(sp_size)
+        group, rank, dp, dp_rank = _new_groups(sp_size)
         BACKENDS[backend].install(model, group, dist.get_backend())
-        sp = SequenceParallel(size=sp_size, rank=rank, group=group, backend=backend, dp_size=dp)
+        sp = SequenceParallel(size=sp_size, rank=rank, group=group, backend=backend, dp_size=dp, dp_rank=dp_rank)
     model.mst_sp = sp
     return sp
 

@@ -1,15 +1,18 @@
-"""torchrun worker for tests/distributed/test_ulysses_torchrun.py: sequence-parallel runs vs one process.
+"""torchrun worker for tests/distributed/test_{ulysses,lss}_torchrun.py: sequence-parallel runs vs one process.
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed/sp_worker.py
+    torchrun --standalone --nproc_per_node 2 tests/distributed/sp_worker.py [BACKEND ...]   # default: ulysses
 
 Every rank builds the same seeded tiny Llama (fp32, sdpa), computes the unsharded reference loss and gradients
 itself (plain, or with mst.apply, on the full batch), then the sequence-parallel loss and gradients with
 ``mst.distributed``, and checks them with ``torch.testing.assert_close`` defaults. Rank 0 prints one
-``CASE <name> OK loss=...`` line per case; any mismatch raises, so torchrun exits non-zero.
+``CASE <name> OK loss=...`` line per case (names prefixed ``<backend>_`` for backends other than ulysses); any
+mismatch raises, so torchrun exits non-zero. Every case also counts the step's collectives
+(``count_collectives``) and checks them against the communication model (``predict_step``).
 """
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 import torch.distributed as dist
@@ -17,13 +20,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import mst
 import mst.distributed as md
+from mst.distributed import predict_step
+from mst.distributed.comm_stats import grad_buckets
 
 VOCAB = 257
 
 
-def tiny_llama(kv_heads: int) -> torch.nn.Module:
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=512)
+def tiny_llama(kv_heads: int, heads: int = 4) -> torch.nn.Module:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=16, vocab_size=VOCAB, max_position_embeddings=512)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().train()
 
@@ -52,23 +57,42 @@ def reference(base, strategy, batches):
     return losses, {n: p.grad for n, p in model.named_parameters()}
 
 
-def run_case(name, *, strategy, kv_heads, batch, seq, sp_size=None, ignore=False, pad=False,
-             bucket_bytes=1024 ** 2):
+def check_comm(name, comm, model, sp, shard, strategy, bucket_bytes):
+    """The counted collectives equal the communication model's prediction (calls and wire bytes, per op)."""
+    cfg = model.config
+    predicted = predict_step(sp.backend, sp=sp.size, dp=sp.dp_size, layers=cfg.num_hidden_layers,
+                             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                             batch=shard["input_ids"].shape[0], seq_len=shard["input_ids"].shape[1] * sp.size,
+                             grad_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                             grad_buckets=grad_buckets(model, bucket_bytes), recompute=strategy == "mst")
+    counted = comm.summary()
+    assert set(counted) == set(predicted), f"{name}: ops {sorted(counted)} != predicted {sorted(predicted)}"
+    for op, row in predicted.items():
+        assert counted[op]["calls"] == row["calls"], f"{name}: {op} calls {counted[op]} != {row}"
+        assert abs(counted[op]["wire_bytes"] - row["wire_bytes"]) <= 1e-9 * row["wire_bytes"], f"{name}: {op}"
+
+
+def run_case(name, *, strategy, kv_heads, batch, seq, heads=4, sp_size=None, ignore=False, pad=False,
+             bucket_bytes=1024 ** 2, backend="ulysses"):
     world, rank = dist.get_world_size(), dist.get_rank()
     sp_size = sp_size or world
-    base = tiny_llama(kv_heads)
+    name = name if backend == "ulysses" else f"{backend}_{name}"
+    base = tiny_llama(kv_heads, heads)
     replicas = world // sp_size
     batches = [make_batch(batch, seq, seed=100 + r, ignore=ignore) for r in range(replicas)]
     ref_losses, ref_grads = reference(base, strategy, batches)
 
     model = prepare(copy.deepcopy(base), strategy)
-    sp = md.setup_sequence_parallel(model, sp_size)
-    shard = md.shard_batch(batches[rank // sp_size], sp.rank, sp.size, pad=pad)
-    loss = md.sp_loss(model, shard)
-    loss.backward()
-    md.reduce_gradients(model, bucket_bytes=bucket_bytes)
+    sp = md.setup_sequence_parallel(model, sp_size, backend=backend)
+    assert (sp.dp_rank, sp.rank) == divmod(rank, sp_size), f"{name}: grid placement {sp}"
+    shard = md.shard_batch(batches[sp.dp_rank], sp.rank, sp.size, pad=pad)
+    with md.count_collectives() as comm:
+        loss = md.sp_loss(model, shard)
+        loss.backward()
+        md.reduce_gradients(model, bucket_bytes=bucket_bytes)
+    check_comm(name, comm, model, sp, shard, strategy, bucket_bytes)
 
-    torch.testing.assert_close(loss.detach(), ref_losses[rank // sp_size])
+    torch.testing.assert_close(loss.detach(), ref_losses[sp.dp_rank])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
     # the router must leave an unsharded model alone: its loss is still the reference
@@ -89,20 +113,32 @@ def expect_error(name, fn, text):
     raise AssertionError(f"{name}: no ValueError")
 
 
+def run_backend(backend: str, world: int) -> None:
+    """Exactness cases for one backend; Ulysses' head-count error is a passing case for the others."""
+    case = lambda name, **kw: run_case(name, backend=backend, **kw)  # noqa: E731
+    case("vanilla_mha_bs1", strategy="vanilla", kv_heads=4, batch=1, seq=64)
+    # 16 KiB buckets: the embedding / LM-head gradients (64 KiB) are reduced in place, the rest in several buckets
+    case("mst_gqa_bs2_ignored", strategy="mst", kv_heads=2, batch=2, seq=64, ignore=True, bucket_bytes=16384)
+    case("mst_odd_len_padded", strategy="mst", kv_heads=2, batch=2, seq=64 - 3, ignore=True, pad=True)
+    if backend != "ulysses":
+        case("mst_heads_not_divisible", strategy="mst", kv_heads=1, heads=world // 2, batch=1, seq=64)
+    if world == 4:
+        case("vanilla_kv_replicated_bs2", strategy="vanilla", kv_heads=2, batch=2, seq=64, ignore=True)
+        case("mst_sp2_dp2", strategy="mst", kv_heads=2, batch=2, seq=64, sp_size=2, ignore=True)
+
+
 def main():
+    backends = sys.argv[1:] or ["ulysses"]
     env = md.init_distributed(device="cpu")
     world = env.world_size
-    run_case("vanilla_mha_bs1", strategy="vanilla", kv_heads=4, batch=1, seq=64)
-    # 16 KiB buckets: the embedding / LM-head gradients (64 KiB) are reduced in place, the rest in several buckets
-    run_case("mst_gqa_bs2_ignored", strategy="mst", kv_heads=2, batch=2, seq=64, ignore=True, bucket_bytes=16384)
-    run_case("mst_odd_len_padded", strategy="mst", kv_heads=2, batch=2, seq=64 - 3, ignore=True, pad=True)
-    expect_error("odd_len_unpadded", lambda: md.shard_batch(make_batch(1, 61, 0, False), 0, world),
-                 "not divisible by the SP size")
-    if world == 4:
-        run_case("vanilla_kv_replicated_bs2", strategy="vanilla", kv_heads=2, batch=2, seq=64, ignore=True)
-        run_case("mst_sp2_dp2", strategy="mst", kv_heads=2, batch=2, seq=64, sp_size=2, ignore=True)
-        expect_error("heads_not_divisible", lambda: md.setup_sequence_parallel(tiny_llama(kv_heads=1), 8),
-                     "num_attention_heads=4 is not divisible by sp_size=8")
+    for backend in backends:
+        run_backend(backend, world)
+    if "ulysses" in backends:
+        expect_error("odd_len_unpadded", lambda: md.shard_batch(make_batch(1, 61, 0, False), 0, world),
+                     "not divisible by the SP size")
+        if world == 4:
+            expect_error("heads_not_divisible", lambda: md.setup_sequence_parallel(tiny_llama(kv_heads=1), 8),
+                         "num_attention_heads=4 is not divisible by sp_size=8")
     dist.barrier()
     dist.destroy_process_group()
 

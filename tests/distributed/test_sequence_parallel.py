@@ -33,8 +33,9 @@ def test_invalid_head_splits(heads: int, kv: int, sp: int, message: str) -> None
 
 
 def test_unknown_backend_lists_available() -> None:
-    with pytest.raises(ValueError, match=r"unknown sequence-parallel backend 'lss'; available: \['ulysses'\]"):
-        validate_sp_config(config(), 2, backend="lss")
+    with pytest.raises(ValueError, match=r"unknown sequence-parallel backend 'ring'; available: "
+                                         r"\['allgather', 'lss', 'ulysses'\]"):
+        validate_sp_config(config(), 2, backend="ring")
 
 
 def test_sp_above_one_needs_a_process_group() -> None:

@@ -1,0 +1,166 @@
+"""One rank count of the LSS experiment: per backend, training steps with every collective counted.
+
+    torchrun --standalone --nproc_per_node 2 experiments/lss/step.py --out /tmp/lss_x2.json     # CPU, gloo
+
+Every rank builds the same seeded character-level model (bytes, vocab 256, like enwik8's characters), applies
+MsT (``mst.apply``: mini-sequence MLP and LM-head on the local segment, per-layer checkpointing) and runs the world
+as one sequence-parallel group with each backend in turn ("lss", "ulysses", "allgather"). Data: consecutive
+windows of the King James Bible's UTF-8 bytes (enwik8 is not available offline). Per backend:
+1. one warm-up step (allocates AdamW's state);
+2. ``--steps`` timed training steps (``shard_batch``, ``sp_loss``, backward, ``reduce_gradients``, AdamW), each
+   inside ``mst.distributed.count_collectives`` (calls, payload and wire bytes per op on this rank) and between
+   barriers (wall seconds, the slowest rank's);
+3. one more step under ``mst.memory.measure.measure_peak`` (the largest per-rank peak).
+The communication model (``mst.distributed.predict_step``) for the same shapes is stored beside the counts.
+Rank 0 writes the JSON. One rank runs the plain model (no SP: nothing is communicated) once, as "single".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import mst
+import mst.distributed as md
+from mst.data import documents
+from mst.distributed.comm_stats import grad_buckets
+from mst.memory.measure import measure_peak
+
+BACKENDS = ("lss", "ulysses", "allgather")
+
+
+def char_config(layers: int = 2, hidden: int = 128, heads: int = 8, kv_heads: int = 8) -> LlamaConfig:
+    """A small GPT-like (multi-head, like the paper's enwik8 GPT) Llama over bytes; 8 heads split over 1-8 ranks."""
+    return LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                       vocab_size=256, max_position_embeddings=1 << 20, tie_word_embeddings=False)
+
+
+def corpus_bytes() -> torch.Tensor:
+    """The KJV as one stream of UTF-8 bytes (token ids 0..255)."""
+    text = "".join(d.text for d in documents("kjv"))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def build_model(config: LlamaConfig, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return mst.apply(model.train())
+
+
+class Trainer:
+    """One backend's training steps on this rank; every rank makes the same calls in the same order."""
+
+    def __init__(self, model, sp, data: torch.Tensor, seq_len: int, device: torch.device) -> None:
+        self.model, self.sp, self.data, self.seq_len, self.device = model, sp, data, seq_len, device
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+
+    def step(self, index: int) -> float:
+        start = index * self.seq_len
+        ids = self.data[start:start + self.seq_len][None]
+        shard = md.shard_batch({"input_ids": ids, "labels": ids}, self.sp.rank, self.sp.size)
+        loss = md.sp_loss(self.model, {k: v.to(self.device) for k, v in shard.items()}, self.sp)
+        loss.backward()
+        md.reduce_gradients(self.model, self.sp)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def timed_step(self, index: int) -> tuple[float, float, md.CommStats]:
+        sync(self.device)
+        t0 = time.perf_counter()
+        with md.count_collectives() as comm:
+            loss = self.step(index)
+        sync(self.device)
+        return loss, time.perf_counter() - t0, comm
+
+    def peak_bytes(self, index: int) -> int:
+        report = measure_peak(lambda: self.step(index), track=[self.model, self.opt], device=self.device)
+        return all_max(report.allocator_peak_bytes or report.peak_bytes)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_max(value: float) -> float:
+    """Largest value over all ranks (the slowest rank's time, the largest rank's peak)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def predicted(model, sp, seq_len: int, recompute: bool) -> dict:
+    cfg = model.config
+    return md.predict_step(sp.backend, sp=sp.size, dp=sp.dp_size, layers=cfg.num_hidden_layers,
+                           heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                           batch=1, seq_len=seq_len, grad_bytes=sum(p.numel() * p.element_size()
+                                                                    for p in model.parameters()),
+                           grad_buckets=grad_buckets(model), act_bytes=next(model.parameters()).element_size(),
+                           recompute=recompute)
+
+
+def run_backend(backend: str, args, config, data, env) -> dict:
+    model = build_model(config, env.device)
+    sp = md.setup_sequence_parallel(model, env.world_size, backend=backend)
+    trainer = Trainer(model, sp, data, args.seq_len, env.device)
+    trainer.step(0)  # warm-up: AdamW state, allocator
+    steps = []
+    for i in tqdm(range(1, args.steps + 1), desc=f"{backend} x{env.world_size}", disable=env.rank != 0):
+        loss, seconds, comm = trainer.timed_step(i)
+        steps.append({"loss": loss, "seconds": all_max(seconds), "calls": comm.total_calls,
+                      "wire_bytes": comm.total_wire_bytes, "ops": comm.summary()})
+    peak = trainer.peak_bytes(args.steps + 1)
+    row = {"backend": backend if env.world_size > 1 else "single", "ranks": env.world_size, "steps": steps,
+           "peak_bytes": peak, "predicted": predicted(model, sp, args.seq_len, recompute=True)}
+    md.teardown_sequence_parallel(model)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--seq-len", type=int, default=4096, help="global sequence length (tokens = bytes)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per backend")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--out", required=True, help="JSON written by rank 0")
+    args = parser.parse_args()
+
+    env = md.init_distributed(device=args.device)
+    config = char_config(args.layers, args.hidden, args.heads, args.kv_heads)
+    data = corpus_bytes()
+    backends = args.backends if env.world_size > 1 else args.backends[:1]  # one rank: no SP, all the same
+    rows = [run_backend(b, args, config, data, env) for b in backends]
+    if env.rank == 0:
+        point = {"ranks": env.world_size, "device": env.device.type, "backend": env.backend,
+                 "torch": torch.__version__, "host": platform.node(), "seq_len": args.seq_len,
+                 "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                              "num_attention_heads", "num_key_value_heads",
+                                                              "head_dim", "vocab_size")},
+                 "corpus": "KJV Bible, UTF-8 bytes", "strategy": "mst", "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(point, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""LSS and the all-gather baseline over gloo with 2 and 4 torchrun processes equal one process (loss, gradients).
+
+Runs ``sp_worker.py lss allgather`` (the same worker and cases as the Ulysses test, see its docstring): vanilla
+and MsT, batch 1 and 2, ignored labels, an odd length padded, head counts Ulysses rejects (1 head on 2 ranks, 2
+heads on 4), and on 4 ranks GQA with fewer kv heads than ranks and the 2 x 2 sequence x data grid. Every case
+also checks the counted collectives against ``mst.distributed.predict_step`` (calls and bytes, exactly).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("sp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ("lss", "allgather")
+CASES = {2: ["vanilla_mha_bs1", "mst_gqa_bs2_ignored", "mst_odd_len_padded", "mst_heads_not_divisible"]}
+CASES[4] = CASES[2] + ["vanilla_kv_replicated_bs2", "mst_sp2_dp2"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_lss_matches_single_process(nproc: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(WORKER), *BACKENDS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    for backend in BACKENDS:
+        for case in CASES[nproc]:
+            assert f"CASE {backend}_{case} OK" in proc.stdout, f"{backend} {case} did not pass:\n{out[-6000:]}"
