@@ -1,7 +1,11 @@
-"""Maximum sequence length per strategy: the driver behind experiments/table2, table3 and table4.
+"""Maximum sequence length per strategy: the driver behind experiments/table2, table3, table4 and table5.
 
     python experiments/max_length.py --table table2 --models llama3-8b llama2-7b            # CPU, scaled models
     python experiments/max_length.py --table table2 --models llama3-8b --device cuda        # full size on a GPU
+    python experiments/max_length.py --table table5 --models llama3-8b --strategies ac+nf4 mst+nf4   # quantized
+
+A strategy is a name from ``mst.memory.strategies.STRATEGIES``, optionally with ``+int8`` / ``+nf4``: frozen
+k-bit weights with LoRA adapters trained (``mst.memory.quantization``, Table 5).
 
 CPU mode (default) runs a real length search (mst.memory.length_search) on a scaled-down model with the same
 shape ratios (mst.configs.scaled_config: same layer count, V/d, I/d and GQA, hidden d_s instead of d), under a
@@ -32,6 +36,7 @@ from mst.configs import load_config, scaled_config
 from mst.memory.planner import DEFAULT_RESERVE_GB, plan
 from mst.memory.planner import max_seq_len as planned_max_seq_len
 from mst.memory.length_search import run_trial, search_max_seq_len
+from mst.memory.quantization import QUANTIZATIONS
 from mst.memory.strategies import STRATEGIES, make_train_step, prepare
 
 GiB = 1024 ** 3  # the planner reads gpu_mem_gb as GiB and keeps DEFAULT_RESERVE_GB for CUDA context etc.
@@ -44,7 +49,22 @@ PAPER = {
                "gemma2-9b": {"mst/vanilla": ("24x", "exact"), "mst/ac": ("8x", "exact")}},
     "table4": {"llama3-8b": {"vanilla": ("1.4K", "inferred 30K/21"), "ac": ("8K", "exact"), "mst": ("30K", "exact")},
                "llama2-7b": {"mst": ("55K", "exact")}},
+    # "8-bit / 4-bit (standard)" read as HF's QLoRA recipe, which turns checkpointing on: our ac+int8 / ac+nf4
+    "table5": {"llama3-8b": {"ac+int8": ("5K", "inferred 110K/22"), "ac+nf4": ("28K", "exact"), "mst": ("60K", "exact"),
+                             "mst+int8": ("110K", "exact"), "mst+nf4": ("140K", "exact")}},
 }
+# ratios printed per table (numerator, denominator)
+RATIOS = {"table5": [("mst+int8", "ac+int8"), ("mst+nf4", "ac+nf4"), ("mst+nf4", "mst")]}
+DEFAULT_RATIOS = [("mst", "vanilla"), ("mst", "ac")]
+
+
+def split_strategy(name: str) -> tuple[str, str | None]:
+    """"mst+nf4" -> ("mst", "nf4"); "ac" -> ("ac", None). Raises ValueError for unknown parts."""
+    strategy, _, quantization = name.partition("+")
+    if strategy not in STRATEGIES or (quantization and quantization not in QUANTIZATIONS):
+        raise ValueError(f"unknown strategy {name!r}: use one of {', '.join(STRATEGIES)}, optionally "
+                         f"+{' / +'.join(QUANTIZATIONS)}")
+    return strategy, quantization or None
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, weights: str | None):
@@ -56,11 +76,12 @@ def build_model(config, device: torch.device, dtype: torch.dtype, weights: str |
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def search_one(config, strategy: str, args, free_bytes: int | None, device: torch.device, start: int,
+def search_one(config, name: str, args, free_bytes: int | None, device: torch.device, start: int,
                granularity: int, bar) -> dict:
     """Search one strategy. ``free_bytes`` (CPU emulation) is added to this model's own static bytes -- weights,
     gradients and optimizer state, i.e. the peak of a 16-token step -- to form the budget; None = the real device."""
-    model = prepare(build_model(config, device, args.dtype, args.weights), strategy)
+    strategy, quantization = split_strategy(name)
+    model = prepare(build_model(config, device, args.dtype, args.weights), strategy, quantization=quantization)
     step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
 
     def make_step(seq_len: int):
@@ -72,7 +93,7 @@ def search_one(config, strategy: str, args, free_bytes: int | None, device: torc
         budget = int(static.peak_bytes) + free_bytes
 
     def progress(trial):
-        bar.set_postfix_str(f"{strategy} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
+        bar.set_postfix_str(f"{name} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
 
     result = search_max_seq_len(make_step, budget_bytes=budget, device=device, start=start,
                                 granularity=granularity, progress=progress, warmup_steps=1,
@@ -81,18 +102,25 @@ def search_one(config, strategy: str, args, free_bytes: int | None, device: torc
     return result.to_dict()
 
 
-def static_bytes_full(config, strategy: str, args) -> float:
+def planner_kwargs(name: str, args, **overrides) -> tuple[str, dict]:
+    """The planner's strategy and keyword arguments for strategy ``name`` under ``args`` (full size by default)."""
+    strategy, quantization = split_strategy(name)
+    kwargs = dict(gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=args.full_dtype,
+                  grad_accumulation=args.grad_accumulation > 1, quantization=quantization)
+    return strategy, {**kwargs, **overrides}
+
+
+def static_bytes_full(config, name: str, args) -> float:
     """Weights + gradients + optimizer state of the full-size model, from the planner."""
-    p = plan(config, 1, strategy, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=args.full_dtype,
-             grad_accumulation=args.grad_accumulation > 1)
+    strategy, kwargs = planner_kwargs(name, args)
+    p = plan(config, 1, strategy, **kwargs)
     return sum(p.breakdown.get(key, 0) for key in ("weights", "gradients", "optimizer_state"))
 
 
-def planner_small(config, strategy: str, budget: int, args) -> int:
+def planner_small(config, name: str, budget: int, args) -> int:
     """The planner's limit for exactly the measured setting (scaled model, CPU dtype, same budget): validates it."""
-    return planned_max_seq_len(config, strategy, gpu_mem_gb=budget / GiB, reserve_gb=0.0, optimizer=args.optimizer,
-                               dtype=args.dtype, grad_accumulation=args.grad_accumulation > 1, device="cpu",
-                               granularity=16)
+    strategy, kwargs = planner_kwargs(name, args, gpu_mem_gb=budget / GiB, dtype=args.dtype)
+    return planned_max_seq_len(config, strategy, reserve_gb=0.0, device="cpu", granularity=16, **kwargs)
 
 
 def run(args) -> dict:
@@ -114,9 +142,8 @@ def run(args) -> dict:
                 dtype_factor = torch.finfo(args.dtype).bits / torch.finfo(args.full_dtype).bits
                 row.update(hidden_small=small.hidden_size, k=k, length_scale=t, dtype_factor=dtype_factor)
             for strategy in args.strategies:
-                predicted = planned_max_seq_len(full, strategy, gpu_mem_gb=args.gpu_mem_gb,
-                                                optimizer=args.optimizer, dtype=args.full_dtype,
-                                                grad_accumulation=args.grad_accumulation > 1)
+                planned_strategy, kwargs = planner_kwargs(strategy, args)
+                predicted = planned_max_seq_len(full, planned_strategy, **kwargs)
                 cell = {"planner_full": predicted}
                 if device.type == "cpu":
                     free_full = (args.gpu_mem_gb - DEFAULT_RESERVE_GB) * GiB - static_bytes_full(full, strategy, args)
@@ -175,7 +202,7 @@ def markdown(result: dict) -> str:
     for row in result["models"]:
         s = row["strategies"]
         key = "measured_small" if cpu else "measured_full"
-        for a, b in (("mst", "vanilla"), ("mst", "ac")):
+        for a, b in RATIOS.get(result["table"], DEFAULT_RATIOS):
             if a in s and b in s:
                 pv = result["paper"].get(row["model"], {})
                 paper_ratio = pv.get(f"{a}/{b}", (None,))[0] or _paper_ratio(pv, a, b)
@@ -234,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", default="table2")
     p.add_argument("--models", nargs="+", default=["llama3-8b", "llama2-7b"])
-    p.add_argument("--strategies", nargs="+", default=["vanilla", "ac", "mst"], choices=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", default=["vanilla", "ac", "mst"],
+                   help=f"from {', '.join(STRATEGIES)}, each optionally +{' / +'.join(QUANTIZATIONS)} (Table 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="dtype of the measured model (default: float32 on CPU, where bf16 is ~6x slower; bfloat16 on CUDA)")
@@ -250,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.full_dtype = torch.bfloat16  # the paper's training dtype, used by the planner
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    for name in args.strategies:
+        try:
+            split_strategy(name)
+        except ValueError as exc:
+            p.error(str(exc))
     out = Path(args.out or Path(__file__).parent / args.table / "results")
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -29,9 +29,16 @@ def check_strategy(strategy: str) -> None:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def prepare(model: nn.Module, strategy: str, **mst_options) -> nn.Module:
-    """Put ``model`` in training mode with ``strategy`` applied (extra options go to ``mst.apply``)."""
+def prepare(model: nn.Module, strategy: str, quantization: str | None = None, **mst_options) -> nn.Module:
+    """Put ``model`` in training mode with ``strategy`` applied (extra options go to ``mst.apply``).
+
+    ``quantization`` ("int8" | "nf4"): first freeze the weights at that precision and train LoRA adapters
+    instead (``mst.memory.quantization``, the paper's Table 5 rows)."""
     check_strategy(strategy)
+    if quantization is not None:
+        from .quantization import quantize_for_training  # needs bitsandbytes + peft, imported only when asked
+
+        quantize_for_training(model, quantization)
     model.train()
     options = STRATEGIES[strategy]
     if options is not None:

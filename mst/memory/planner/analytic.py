@@ -40,6 +40,13 @@ class _Sizes:
         self.mlp_w = a * spec.hidden * spec.intermediate  # one MLP weight (or its gradient)
         self.Mc = self.mlp_w  # one chunk intermediate, a C I with C = d: the same size as an MLP weight
         self.low = a < FP32  # bf16/fp16: RMSNorm and the losses make fp32 copies
+        self.train_w = not wl.frozen  # quantized training: base weights make no gradients (LoRA's are negligible)
+        # a k-bit projection is dequantized to the compute dtype for each matmul: one weight-sized transient
+        self.dequant = a * max(fan_in * fan_out for fan_in, fan_out in spec.layer_linears()) if wl.frozen else 0
+        # bitsandbytes' int8 matmul keeps its input as a ctx attribute, not a saved tensor, so checkpointing cannot
+        # drop it: the q/k/v input, o_proj's input and (unless MsT's MLP runs it without a graph) the MLP's inputs
+        self.int8_kept = (self.X + self.Q + (0 if self.split else self.X + self.Mi)
+                          if wl.quantization == "int8" and wl.checkpointed else 0)
         # one RMSNorm: its fp32 input (a copy in bf16; in fp32 the input itself), rstd, and the normalised x it
         # keeps for the weight gradient (cast back in Llama, fp32 in Gemma-2); the output is saved by the next op
         self.norm = self.Xf + self.R + (self.Xf if spec.gemma else self.X)
@@ -61,25 +68,26 @@ def _layer(z: _Sizes) -> LayerProfile:
     nomlp = z.layer_saved_vanilla() - 4 * z.Mi  # norms, their outputs, attention
     post = (z.norm if s.gemma else 0)  # Gemma-2's post-MLP norm is done (freed) when the MLP backward starts
     if wl.checkpointed:
-        saved = X
+        saved = X + z.int8_kept
         mlp_fwd = 3 * z.Mc + 3 * X if z.split else 3 * z.Mi  # chunk intermediates, chunk outputs and their cat
         attn_fwd = 2 * X + 4 * z.Q + 2 * z.KV  # input, norm output, q (+ RoPE's q cos, rotate_half, its sin), k, v
         fwd_peak = max(3 * X + mlp_fwd, attn_fwd)  # input, h1 and the MLP input live through the MLP
     else:
         saved = z.layer_saved_vanilla()
         fwd_peak = saved + 2 * X + (2 * X if z.low else 0)  # + output, down-proj output (+ input, h1 in bf16)
-    dh, mlp_grads = X, 3 * z.mlp_w
-    attn_grads = z.a * 2 * s.hidden * (s.q_dim + s.kv_dim)
+    dh, mlp_grads = X, 3 * z.mlp_w * z.train_w
+    attn_grads = z.a * 2 * s.hidden * (s.q_dim + s.kv_dim) * z.train_w
+    accumulators = (3 * FP32 * s.hidden * s.intermediate + 4 * z.mlp_w) * z.train_w
     before_mlp = ckpt + nomlp - post + dh
     if z.split:  # chunk loop: 6 chunk intermediates, input-gradient buffer, fp32 accumulators + chunk gradients
         # (Gemma-2: the MLP's output gradient comes from the post-MLP norm and lives through the loop)
         before_mlp += X if s.gemma else 0
-        points = {"mlp": (before_mlp + X + 6 * z.Mc + 3 * FP32 * s.hidden * s.intermediate + 4 * z.mlp_w, 0),
+        points = {"mlp": (before_mlp + X + 6 * z.Mc + accumulators, 0),
                   "mlp_end": (before_mlp + 2 * X + mlp_grads, mlp_grads)}
-        if z.low:  # the accumulators are cast back to bf16 while still alive
+        if z.low and z.train_w:  # the accumulators are cast back to bf16 while still alive
             points["mlp_cast"] = (before_mlp + X + 3 * FP32 * s.hidden * s.intermediate + 6 * z.mlp_w, 0)
     else:  # gate, act, up + dp, d act, d up (the product is released) and the down-proj weight gradient
-        points = {"mlp": (before_mlp + 6 * z.Mi + z.mlp_w, z.mlp_w)}
+        points = {"mlp": (before_mlp + 6 * z.Mi + z.mlp_w * z.train_w, z.mlp_w * z.train_w)}
     if s.gemma:  # the backward starts in the post-MLP norm, with everything else still saved
         points["post_norm"] = (ckpt + nomlp + (0 if z.split else 4 * z.Mi) + dh + z.norm_bwd - z.norm, 0)
     first = z.norm + X  # the input norm's saved tensors and its output
@@ -87,11 +95,13 @@ def _layer(z: _Sizes) -> LayerProfile:
     points["attn"] = (ckpt + first + z.att + dh + 2 * z.Q + 2 * z.KV + mlp_grads, mlp_grads)
     points["norm1"] = (ckpt + z.norm_bwd + dh + mlp_grads + attn_grads, mlp_grads + attn_grads)
     if in_backward:  # each gradient is freed after its update; updating an MLP weight adds its temporaries
-        step = adam_step_temporaries(wl.device, True) * z.mlp_w
+        step = adam_step_temporaries(wl.device, True) * z.mlp_w * z.train_w
         points = {k: (v - g, 0) for k, (v, g) in points.items()}
         points["update"] = (before_mlp + 2 * X + mlp_grads + step, 0)
     bwd_peak, grads = max(points.values())
-    return LayerProfile(saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak, bwd_peak_grads=grads,
+    # the layer's own int8-kept inputs live until autograd reaches their matmuls in this backward
+    return LayerProfile(saved=saved, fwd_peak=fwd_peak + z.dequant, bwd_peak=bwd_peak + z.dequant + z.int8_kept,
+                        bwd_peak_grads=grads,
                         offloadable=X if wl.checkpointed else 0)
 
 
@@ -103,14 +113,14 @@ def _head(z: _Sizes) -> HeadProfile:
     shared = 2 * a * wl.local_seq * s.head_dim + INT64 * wl.local_seq  # rotary cos, sin; position ids
     # final norm (fp32 models keep its input, the last hidden state, as its fp32 input) and its output
     base = z.norm + X
-    lm_grad, norm_grad = a * V * d, a * d
+    lm_grad, norm_grad = a * V * d * z.train_w, a * d * z.train_w
     in_backward = wl.optimizer == "adamw_in_backward" and not wl.grad_accumulation
     softcap = f if s.final_softcap else 0  # MsT keeps tanh(z / cap) per chunk; HF keeps it for all T x V
     if wl.chunked:
         chunk = lm_head_chunk(s, t)
         saved = base + labels
         fwd_peak = saved + f * t + (2 * f + 2 * softcap + (a if z.low else 0)) * chunk * V
-        acc = (f if z.low else a) * V * d  # the V x d gradient accumulator (the gradient itself in fp32)
+        acc = (f if z.low else a) * V * d * z.train_w  # the V x d gradient accumulator (the gradient in fp32)
         loop = saved + t + f * t + INT64 * t + X + acc  # valid mask, token weights, safe labels, dh buffer
         bwd_peak = loop + max((2 * f + softcap + a) * chunk * V, lm_grad if z.low else 0)
         bwd_grads = 0 if z.low else acc
@@ -140,6 +150,8 @@ def _head(z: _Sizes) -> HeadProfile:
         else:
             end, emb_peak = X + lm_grad, max(emb_peak - norm_grad, lm_grad + step)
         bwd_grads = end_grads = emb_grads = 0
+    if not z.train_w:  # frozen embedding: the backward stops at the first layer's input
+        emb_peak = emb_grads = 0
     return HeadProfile(shared=shared, fwd_peak=fwd_peak, saved=saved, bwd_peak=bwd_peak, bwd_peak_grads=bwd_grads,
                        bwd_end=end, bwd_end_grads=end_grads, embed_bwd_peak=emb_peak, embed_bwd_peak_grads=emb_grads)
 

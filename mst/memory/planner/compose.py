@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..quantization import quantized_weight_bytes
 from .spec import FP32, ModelSpec, Workload
 
 GiB = 1024 ** 3
@@ -99,12 +100,22 @@ def adam_step_temporaries(device: str, per_parameter: bool) -> int:
 def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfile, engine: str) -> Plan:
     """Peak and breakdown of one training step from the component profiles (see the module docstring)."""
     act, n_layers = wl.act_bytes, spec.layers
-    weights = spec.params * act + spec.buffer_bytes
-    n_tensors = n_layers * len(spec.layer_param_shapes()) + 2 + (0 if spec.tied else 1)
+    if wl.frozen:  # k-bit frozen projections, everything else frozen in the model dtype, LoRA adapters trained
+        linears = spec.layer_linears()
+        trainable = n_layers * spec.lora_layer_params(wl.lora_rank)
+        frozen = spec.params - n_layers * sum(fan_in * fan_out for fan_in, fan_out in linears)
+        quantized = sum(quantized_weight_bytes(fan_in * fan_out, fan_out, wl.quantization) for fan_in, fan_out in linears)
+        weights = (frozen + trainable) * act + n_layers * quantized + spec.buffer_bytes
+        n_tensors, largest = n_layers * 2 * len(linears), wl.lora_rank * max(max(shape) for shape in linears)
+        layer_grads = spec.lora_layer_params(wl.lora_rank) * act
+    else:
+        trainable, largest = spec.params, spec.largest_param
+        weights = spec.params * act + spec.buffer_bytes
+        n_tensors = n_layers * len(spec.layer_param_shapes()) + 2 + (0 if spec.tied else 1)
+        layer_grads = spec.layer_params * act
     # AdamW keeps exp_avg and exp_avg_sq in the parameter dtype; its `step` counters are device tensors on CPU only
-    opt_state = 2 * spec.params * act + (FP32 * n_tensors if wl.device == "cpu" else 0)
-    grads_all = spec.params * act
-    layer_grads = spec.layer_params * act
+    opt_state = 2 * trainable * act + (FP32 * n_tensors if wl.device == "cpu" else 0)
+    grads_all = trainable * act
     in_backward = wl.optimizer == "adamw_in_backward"
     resident = grads_all if wl.grad_accumulation else 0  # gradients alive through the whole micro-step
     hidden = wl.tokens * spec.hidden * act  # one hidden state (the incoming gradient of a layer has this size)
@@ -134,11 +145,11 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
         add(label, grads(made), head.shared + (index - 1) * stacked + head_left, layer.bwd_peak,
             layer.bwd_peak_grads, own_saved=stacked)
     # accumulating with optimizer-in-backward: the last micro-step also runs each update's temporaries
-    last_update = adam_step_temporaries(wl.device, True) * spec.largest_param * act if in_backward else 0
+    last_update = adam_step_temporaries(wl.device, True) * largest * act if in_backward else 0
     add("backward: embedding", grads(n_layers * layer_grads), 0, head.embed_bwd_peak + last_update * (resident > 0),
         head.embed_bwd_peak_grads)
     if wl.optimizer == "adamw":
-        add("optimizer step", grads_all, 0, adam_step_temporaries(wl.device, False) * spec.largest_param * act)
+        add("optimizer step", grads_all, 0, adam_step_temporaries(wl.device, False) * largest * act)
 
     name = max(phases, key=lambda k: phases[k][0])
     total, grads_at_peak, activations = phases[name]

@@ -39,7 +39,7 @@ def _resolve(config: PretrainedConfig | str) -> PretrainedConfig:
 def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *, gpus: int = 1, gpu_mem_gb: float = 80.0,
          optimizer: str = "adamw", dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False,
          engine: str = "analytic", batch_size: int = 1, device: str = "cuda",
-         mst_options: dict | None = None) -> Plan:
+         mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> Plan:
     """Predicted peak memory of one training step of ``config`` (an HF config or a ``mst.configs`` name).
 
     strategy: "vanilla" | "ac" | "mst" | "mst_offload"; optimizer: "adamw" (for-loop AdamW, the repo's training
@@ -49,7 +49,9 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     the planner against measured CPU steps. ``gpu_mem_gb`` only fills ``Plan.gpu_mem_gb`` (see ``Plan.fits``).
     ``mst_options``: what-if ``mst.apply`` options for the traced engine, e.g. ``{"mlp_mode": "naive",
     "lm_head_chunks": 64}`` to model the official code (paper.md §5.2: its MLP loop keeps every chunk's
-    intermediates).
+    intermediates). ``quantization`` ("int8" | "nf4", analytic engine): frozen k-bit projections with rank
+    ``lora_rank`` LoRA adapters trained (``mst.memory.quantization``, the paper's Table 5); the bitsandbytes and
+    LoRA intermediates are modelled as one dequantized weight per matmul (the adapters' rank-r tensors are ignored).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -57,8 +59,11 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     spec = ModelSpec.from_config(config)
     wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp=gpus, dtype=dtype,
                   optimizer=optimizer, grad_accumulation=grad_accumulation, device=device,
-                  mst_options=tuple(sorted((mst_options or {}).items())))
+                  mst_options=tuple(sorted((mst_options or {}).items())), quantization=quantization,
+                  lora_rank=lora_rank)
     wl.check_heads(spec)
+    if quantization and engine != "analytic":
+        raise ValueError("quantized training is modelled by the analytic engine only (engine='analytic')")
     if wl.mst_options and engine != "traced":
         raise ValueError("mst_options are modelled by the traced engine only (engine='traced')")
     if engine == "traced":
@@ -79,7 +84,7 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: 
                 reserve_gb: float = DEFAULT_RESERVE_GB, optimizer: str = "adamw",
                 dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False, engine: str = "analytic",
                 batch_size: int = 1, granularity: int = 256, max_len: int = 1 << 23, device: str = "cuda",
-                mst_options: dict | None = None) -> int:
+                mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> int:
     """Longest sequence (a multiple of ``granularity`` x ``gpus``) whose planned peak fits ``gpu_mem_gb`` GiB
     minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak grows with S).
 
@@ -91,7 +96,7 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: 
     step = granularity * gpus
     kwargs = dict(gpus=gpus, gpu_mem_gb=gpu_mem_gb, optimizer=optimizer, dtype=dtype,
                   grad_accumulation=grad_accumulation, engine=engine, batch_size=batch_size, device=device,
-                  mst_options=mst_options)
+                  mst_options=mst_options, quantization=quantization, lora_rank=lora_rank)
     config = _resolve(config)
     first = plan(config, step, strategy, **kwargs)
     static = first.breakdown["weights"] + first.breakdown["optimizer_state"] + (

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
+from ..quantization import QUANTIZATIONS
 from ..strategies import OPTIMIZERS, STRATEGIES
 
 # model types whose decoder layer the analytic engine models term by term (the traced engine runs the HF code)
@@ -80,6 +81,16 @@ class ModelSpec:
             flat += [inter, inter, d]
         return flat + [d] * self.norms_per_layer
 
+    def layer_linears(self) -> list[tuple[int, int]]:
+        """(in, out) features of one layer's seven projections: q, k, v, o, gate, up, down."""
+        d, inter = self.hidden, self.intermediate
+        return [(d, self.q_dim), (d, self.kv_dim), (d, self.kv_dim), (self.q_dim, d), (d, inter), (d, inter),
+                (inter, d)]
+
+    def lora_layer_params(self, rank: int) -> int:
+        """LoRA adapter elements of one layer (A: rank x in, B: out x rank on every projection)."""
+        return sum(rank * (fan_in + fan_out) for fan_in, fan_out in self.layer_linears())
+
     @property
     def layer_params(self) -> int:
         return sum(self.layer_param_shapes())
@@ -120,6 +131,8 @@ class Workload:
     grad_accumulation: bool = False
     device: str = "cuda"  # "cpu" counts offloaded checkpoints as resident and uses CPU AdamW's for-loop
     mst_options: tuple = ()  # extra ``mst.apply`` options as (name, value) pairs (traced engine only)
+    quantization: str | None = None  # "int8" | "nf4": frozen k-bit projections + LoRA (mst.memory.quantization)
+    lora_rank: int = 16
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -134,6 +147,8 @@ class Workload:
             raise ValueError(f"seq_len {self.seq_len} is not divisible by the sequence-parallel size {self.sp}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
 
@@ -154,6 +169,11 @@ class Workload:
     @property
     def checkpointed(self) -> bool:
         return self.strategy != "vanilla"
+
+    @property
+    def frozen(self) -> bool:
+        """Quantized training: the base weights get no gradients (only the LoRA adapters train)."""
+        return self.quantization is not None
 
     @property
     def chunked(self) -> bool:
