@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -49,7 +49,10 @@ def _step_tracker():
 
     MemTracker refuses a second forward of a root module ("multiple iterative calls"), which is exactly what a
     gradient-accumulation step does; its module statistics are not used here, so they are reset at each new
-    micro-step while the global peak, which is all ``measure_peak`` reads, keeps accumulating.
+    micro-step while the global peak, which is all ``measure_peak`` reads, keeps accumulating. It also accepts
+    frozen parameters (quantized training): MemTracker would put a gradient hook on every parameter, which torch
+    refuses for one that needs no gradient, so a module holding any is tracked without hooks (its trainable
+    submodules, e.g. LoRA adapters, install theirs when they run).
     """
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -61,6 +64,10 @@ def _step_tracker():
                 self.reset_mod_stats()
             super()._pre_fw_hook(module, inputs)
 
+        def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+            frozen = any(not p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and not frozen)
+
     return _StepTracker()
 
 
@@ -71,21 +78,22 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _tracked_bytes(track: Iterable[nn.Module | torch.optim.Optimizer]) -> int:
-    """Bytes of the distinct storages held by parameters, gradients and optimizer states of ``track``."""
-    seen: dict[int, int] = {}
+def held_tensors(track: Iterable[nn.Module | torch.optim.Optimizer]) -> Iterator[torch.Tensor]:
+    """Parameters, gradients and buffers of the modules in ``track``, and the tensor states of its optimizers."""
     for obj in track:
-        tensors = []
         if isinstance(obj, nn.Module):
             for p in obj.parameters():
-                tensors += [p, p.grad] if p.grad is not None else [p]
-            tensors += list(obj.buffers())
+                yield p
+                if p.grad is not None:
+                    yield p.grad
+            yield from obj.buffers()
         else:
-            tensors += [t for state in obj.state.values() for t in state.values() if torch.is_tensor(t)]
-        for t in tensors:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+            yield from (t for state in obj.state.values() for t in state.values() if torch.is_tensor(t))
+
+
+def _tracked_bytes(track: Iterable[nn.Module | torch.optim.Optimizer]) -> int:
+    """Bytes of the distinct storages held by parameters, gradients and optimizer states of ``track``."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_tensors(track)}.values())
 
 
 def _proc_status(field_name: str) -> int:

@@ -1,0 +1,175 @@
+"""Markdown and figures of Tables 8-11, Figures 7-11 and Figure 3 from a results JSON (run.py and the notebook)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GiB, MiB = 1024 ** 3, 1024 ** 2
+COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "transient")
+COLORS = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer_state": "tab:green",
+          "activations": "tab:red", "transient": "tab:purple"}
+PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:red", "after_backward": "tab:green"}
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def components(cell: dict) -> dict[str, int]:
+    """The five Table 8-11 components of a measured or planned cell (buffers count as weights, other as transient)."""
+    b = cell["breakdown"]
+    parts = {k: b.get(k, 0) for k in COMPONENTS}
+    parts["weights"] += b.get("buffers", 0)
+    parts["transient"] += b.get("other", 0)
+    return parts
+
+
+def _fmt(value, scale: float, digits: int = 1) -> str:
+    return "not reported" if value is None else f"{value / scale:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    scale = results["scale"]
+    to_full = scale["to_full_bf16"]
+    lines = [f"# Tables 8-11: memory of one Llama3-8B training step at 4K tokens, batch 1 ({results['device']})", "",
+             f"measured: scaled Llama3-8B (d={scale['hidden']}, L={scale['layers']}, V={scale['vocab']}, "
+             f"I={scale['intermediate']}) at {results['ladder']['table8']['seq_len']} tokens, {results['dtype']}, "
+             f"MemTracker at the step's peak; 'measured x {to_full:.0f}' = full-size bf16 equivalent "
+             f"(x 1/(k^2 x dtype bytes ratio)). planner: full-size Llama3-8B, bf16, `mst.memory.plan`.", "",
+             "| table | configuration | source | weights | gradients | optimizer state | activations | "
+             "transient | peak |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for table, row in results["ladder"].items():
+        paper = results["paper"][table]
+        config = f"{row['label']} ({row['strategy']}, {row['optimizer']})"
+        lines.append(f"| {table} | {config} | paper (GB) | " +
+                     " | ".join(_fmt(paper[k], 1, 0) for k in (*COMPONENTS, "peak")) + " |")
+        sources = [("planner, full size (GiB)", row["planner_full"], GiB),
+                   (f"measured x {to_full:.0f} (GiB)", row["measured"], GiB / to_full),
+                   ("measured, scaled (MiB)", row["measured"], MiB)]
+        if "planner_same_setting" in row:
+            sources.append(("planner, same scaled setting (MiB)", row["planner_same_setting"], MiB))
+        for label, cell, unit in sources:
+            parts = components(cell)
+            lines.append(f"| {table} | {config} | {label} | " +
+                         " | ".join(_fmt(parts[k], unit) for k in COMPONENTS) +
+                         f" | {_fmt(cell['peak_bytes'], unit)} |")
+    lines += ["", f"Figure 11 (paper, approximate): standard peak {results['paper']['fig11']['vanilla_peak']} GB, "
+                  f"MsT {results['paper']['fig11']['mst_peak']} GB ({results['paper']['fig11']['note']}).", "",
+              "# Figure 3: memory at S = 20K, batch 1, optimizer-in-backward", "",
+              f"Paper: {results['paper']['fig3']}.", "",
+              "| model | strategy | source | weights | optimizer state | activations + transient | gradients | peak |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for model, cells in results["fig3"].items():
+        for strategy, cell in cells.items():
+            for label, data, unit in (("planner, full size (GiB)", cell["planner_full"], GiB),
+                                      (f"measured at {cell['seq_len']} tok x {cell['to_full_bf16']:.0f} (GiB)",
+                                       cell["measured"], GiB / cell["to_full_bf16"])):
+                parts = components(data)
+                lines.append(f"| {model} | {strategy} | {label} | {_fmt(parts['weights'], unit)} | "
+                             f"{_fmt(parts['optimizer_state'], unit)} | "
+                             f"{_fmt(parts['activations'] + parts['transient'], unit)} | "
+                             f"{_fmt(parts['gradients'], unit)} | {_fmt(data['peak_bytes'], unit)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _stack(ax, x: float, parts: dict[str, float], width: float, hatch: str | None = None, label: bool = False):
+    bottom = 0.0
+    for key in (k for k in COMPONENTS if k in parts):
+        value = parts[key] or 0.0
+        ax.bar(x, value, width, bottom=bottom, color=COLORS[key], hatch=hatch, edgecolor="white",
+               label=key.replace("_", " ") if label else None)
+        bottom += value
+
+
+def breakdown_figure(results: dict, out: str | Path) -> Path:
+    """Tables 8-11 as stacked bars: paper (where printed), planner full size, measured full-size equivalent."""
+    to_full = results["scale"]["to_full_bf16"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    tables = list(results["ladder"])
+    for i, table in enumerate(tables):
+        row, paper = results["ladder"][table], results["paper"][table]
+        ax.bar(i - 0.27, paper["peak"], 0.25, color="lightgray", edgecolor="black",
+               label="paper peak (GB)" if i == 0 else None)
+        ax.text(i - 0.27, paper["peak"] + 1, f"{paper['peak']}", ha="center", fontsize=7)
+        _stack(ax, i, {k: v / GiB for k, v in components(row["planner_full"]).items()}, 0.25, label=i == 0)
+        _stack(ax, i + 0.27, {k: v * to_full / GiB for k, v in components(row["measured"]).items()}, 0.25, "//")
+    ax.set_xticks(range(len(tables)), [f"{t}\n{results['ladder'][t]['label']}" for t in tables], fontsize=8)
+    ax.set_ylabel("GiB (full-size Llama3-8B, 4K)")
+    ax.set_title("Tables 8-11: left gray = paper peak, middle = planner (full size), right hatched = measured "
+                 f"scaled x {to_full:.0f}\n({results['device']})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def timeline_figure(results: dict, out: str | Path) -> Path:
+    """Figures 7-10 (one panel per configuration, coloured by phase) and Figure 11 (vanilla vs MsT overlaid)."""
+    to_full = results["scale"]["to_full_bf16"]
+    ladder = results["ladder"]
+    fig, axes = plt.subplots(1, len(ladder) + 1, figsize=(4 * (len(ladder) + 1), 3.4), sharey=True)
+    for ax, (table, row) in zip(axes, ladder.items()):
+        tl = row["measured"]["timeline"]
+        ys = [b * to_full / GiB for b in tl["bytes"]]
+        xs = range(len(ys))
+        for phase, color in PHASE_COLORS.items():
+            ax.fill_between(xs, ys, where=[p == phase for p in tl["phase"]], color=color, alpha=0.6, lw=0,
+                            step="mid", label=phase)
+        parts = components(row["measured"])
+        static = (parts["weights"] + parts["optimizer_state"]) * to_full / GiB
+        ax.axhline(static, color="black", ls=":", lw=1, label="weights + optimizer state")
+        ax.set_title(f"{row['figure']} ({table}): {row['label']}\npeak {max(ys):.1f} GiB equiv., paper "
+                     f"{results['paper'][table]['peak']} GB", fontsize=8)
+        ax.set_xlabel(f"op index (x{tl['bin']})", fontsize=8)
+    axes[0].set_ylabel("live GiB (full-size bf16 equivalent)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    ax = axes[-1]
+    for table, color in (("table9", "tab:gray"), ("table11", "tab:blue")):
+        tl = ladder[table]["measured"]["timeline"]
+        xs = [i / max(1, len(tl["bytes"]) - 1) for i in range(len(tl["bytes"]))]
+        ax.plot(xs, [b * to_full / GiB for b in tl["bytes"]], color=color, label=ladder[table]["label"])
+    f11 = results["paper"]["fig11"]
+    ax.set_title(f"fig11: standard vs MsT (paper ~{f11['vanilla_peak']} vs ~{f11['mst_peak']} GB)", fontsize=8)
+    ax.set_xlabel("fraction of the step", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Figures 7-11: memory over one training step, Llama3-8B 4K, measured on {results['device']} "
+                 "(scaled model, scaled to full size)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def fig3_figure(results: dict, out: str | Path) -> Path:
+    """Figure 3: stacked bars at S = 20K (weights, optimizer, activations + transient; gradients not shown,
+    as in the paper), planner full size solid, measured scaled (full-size equivalent) hatched."""
+    fig, axes = plt.subplots(1, len(results["fig3"]), figsize=(5 * len(results["fig3"]), 4), sharey=True)
+    for ax, (model, cells) in zip(axes, results["fig3"].items()):
+        for i, (strategy, cell) in enumerate(cells.items()):
+            for dx, data, scale, hatch in ((-0.2, cell["planner_full"], 1.0, None),
+                                           (0.2, cell["measured"], cell["to_full_bf16"], "//")):
+                parts = components(data)
+                bars = {"weights": parts["weights"], "optimizer_state": parts["optimizer_state"],
+                        "activations": parts["activations"] + parts["transient"]}
+                _stack(ax, i + dx, {k: v * scale / GiB for k, v in bars.items()}, 0.38, hatch,
+                       label=(i == 0 and hatch is None))
+        ax.axhline(80, color="black", ls="--", lw=1, label="80 GB (A100)")
+        ax.set_xticks(range(len(cells)), list(cells))
+        ax.set_title(f"{model}, S = 20K: solid planner (full size), hatched measured scaled x "
+                     f"{next(iter(cells.values()))['to_full_bf16']:.0f}", fontsize=8)
+    axes[0].set_ylabel("GiB")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Figure 3: memory at 20K tokens, batch 1, optimizer-in-backward (paper: bar heights not reported)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
