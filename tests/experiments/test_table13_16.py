@@ -1,0 +1,35 @@
+"""Smoke test of the Tables 13-16 driver at tiny sizes (a subprocess: experiments' ``plot`` modules share a name).
+
+It must run end to end, write its JSON / markdown / figures, and its two memory counts must agree: the planner's
+fake-tensor trace of an op and ``measure_peak`` of the same op really run, at the measured size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_table13_16_driver_tiny(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "experiments" / "table13_16" / "ablation.py"), "--scale", "128",
+           "--seq-lens", "1024", "40000", "--chunks", "4", "--reps", "1", "--anchor-reps", "0", "--no-max-len",
+           "--chunk-seq-lens", "32768", "--chunk-tokens", "4096", "16384", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    for name in ("table13_16_cpu.json", "table13_16_cpu.md", "table13_16_cpu.png", "chunk_default_cpu.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    results = json.loads((tmp_path / "table13_16_cpu.json").read_text())
+    assert len(results["rows"]) == 2 * (2 + 3)  # S x (LM-head: standard, M=4; MLP: standard, naive 4, recompute 4)
+    for row in results["rows"]:
+        assert row["planner_scaled"]["peak_bytes"] == pytest.approx(row["measured"]["peak_bytes"], rel=0.01), row
+        assert row["measured"]["time_s"] > 0
+    at = {(r["op"], r["setting"]): r["planner"]["peak_bytes"] for r in results["rows"] if r["seq_len"] == 40000}
+    assert at[("lm_head", "4")] < at[("lm_head", "standard")]
+    assert at[("mlp", "recompute 4")] < at[("mlp", "naive 4")] < at[("mlp", "standard")]
+    assert {c["setting"] for c in results["chunk_default"]["ops"]} == {"4096", "16384", "M=32"}
