@@ -1,7 +1,7 @@
 """Figure and markdown tables of the LSS experiment from a results JSON (shared by run.py and the notebook)."""
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -9,14 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+
 MiB = 1024 ** 2
 STYLE = {"single": ("black", "o", "one rank (no SP)"), "lss": ("tab:red", "s", "LSS"),
          "ulysses": ("tab:blue", "^", "Ulysses"), "allgather": ("tab:gray", "v", "all-gather baseline"),
          "megatron_sp": ("tab:green", "D", "NVIDIA SP + TP (model)")}
 
-
-def load(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def _curves(rows: list[dict]) -> dict[tuple[int, str], list[dict]]:
@@ -82,12 +82,7 @@ def figure(results: dict, out: str | Path) -> Path:
     ax3.legend(fontsize=7)
     fig.suptitle("LSS Transformer vs DeepSpeed-Ulysses vs all-gather baseline (measured: CPU, gloo; paper: Wang et al. "
                  "2023, arXiv 2311.02382; NVIDIA SP = Megatron sequence + tensor parallelism)", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def markdown(results: dict) -> str:

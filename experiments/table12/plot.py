@@ -1,7 +1,7 @@
 """Figure and markdown table of Table 12 from a results JSON (shared by run.py and the figures notebook)."""
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -9,12 +9,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+
 PLANNER_TICKS = (1, 2, 4, 8)
 STYLE = {"vanilla": ("tab:gray", "o", "vanilla Ulysses"), "mst": ("tab:blue", "s", "MsT + Ulysses")}
 
-
-def load(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def figure(results: dict, out: str | Path) -> Path:
@@ -53,12 +53,7 @@ def figure(results: dict, out: str | Path) -> Path:
         ax2.set_axis_off()
         ax2.text(0.5, 0.5, "planner not available", ha="center")
     fig.suptitle("Table 12: max sequence length vs ranks (paper: no numbers, claims linear scaling)")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def markdown(results: dict) -> str:

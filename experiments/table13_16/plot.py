@@ -6,7 +6,7 @@ decimal GB; see README). Times are seconds of forward + backward of the op.
 """
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -14,14 +14,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+
 GB = 1e9
 PAPER_TIME_ANCHOR = {"lm_head": ("32", 0.11 / 0.01), "mlp": ("naive 8", 0.12 / 0.05)}  # S=1024, A100
 OPS = {"lm_head": ("LM-head", "Table 13 (time)", "Table 14 (memory)"),
        "mlp": ("MLP", "Table 15 (time)", "Table 16 (memory)")}
 
-
-def load(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def _rows(results: dict, op: str) -> dict[str, dict[int, dict]]:
@@ -95,7 +95,7 @@ def figure(results: dict, out: str | Path) -> Path:
         ax.set(xscale="log", yscale="log", xlabel="sequence length S (full-size tokens)", ylabel="time / standard",
                title=f"{name} {time_title}: measured {meta['device']} ({meta['time_dtype']}, "
                      f"d={meta['measured_shapes']['d']}, S/k)\nstar: paper (A100) at S=1024; X: our full-shape anchor")
-    return _finish(fig, f"Tables 13-16: {meta['model']} shapes, op forward + backward, batch 1", out)
+    return save_figure(fig, out, f"Tables 13-16: {meta['model']} shapes, op forward + backward, batch 1", dpi=110)
 
 
 def chunk_figure(results: dict, out: str | Path) -> Path:
@@ -132,18 +132,9 @@ def chunk_figure(results: dict, out: str | Path) -> Path:
         axes[2].tick_params(axis="y", labelsize=7)
     else:
         axes[2].set_axis_off()
-    return _finish(fig, "Default chunk sizes: MLP C = d vs larger token chunks; LM-head M = ceil(V/d) vs token "
-                        "chunks", out)
+    return save_figure(fig, out, "Default chunk sizes: MLP C = d vs larger token chunks; LM-head M = ceil(V/d) vs token "
+                       "chunks", dpi=110)
 
-
-def _finish(fig, title: str, out: str | Path) -> Path:
-    """Title, layout, PNG (folders created), and the figure closed so notebooks and loops do not pile them up."""
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
 
 
 def _table(results: dict, op: str, title: str, cell) -> list[str]:

@@ -1,7 +1,7 @@
 """Markdown and figures of Tables 8-11, Figures 7-11 and Figure 3 from a results JSON (run.py and the notebook)."""
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -9,15 +9,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+
 GiB, MiB = 1024 ** 3, 1024 ** 2
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "transient")
 COLORS = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer_state": "tab:green",
           "activations": "tab:red", "transient": "tab:purple"}
 PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:red", "after_backward": "tab:green"}
 
-
-def load(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def components(cell: dict) -> dict[str, int]:
@@ -104,7 +104,7 @@ def breakdown_figure(results: dict, out: str | Path) -> Path:
                  f"scaled x {to_full:.0f}\n({results['device']})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def timeline_figure(results: dict, out: str | Path) -> Path:
@@ -139,7 +139,7 @@ def timeline_figure(results: dict, out: str | Path) -> Path:
     fig.suptitle(f"Figures 7-11: memory over one training step, Llama3-8B 4K, measured on {results['device']} "
                  "(scaled model, scaled to full size)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def fig3_figure(results: dict, out: str | Path) -> Path:
@@ -164,12 +164,5 @@ def fig3_figure(results: dict, out: str | Path) -> Path:
     fig.suptitle("Figure 3: memory at 20K tokens, batch 1, optimizer-in-backward (paper: bar heights not reported)",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
-
-def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out

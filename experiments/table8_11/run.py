@@ -24,7 +24,6 @@ results/fig3_memory_20k_<device>.png.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -36,6 +35,7 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from max_length import build_model  # noqa: E402  (the scaled-model builder shared by the experiments)
+from common import add_scaled_model_args, resolve_device, write_results  # noqa: E402
 from plot import breakdown_figure, fig3_figure, markdown, timeline_figure  # noqa: E402
 
 import mst  # noqa: E402
@@ -159,20 +159,12 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the scaled CPU models")
-    p.add_argument("--layers", type=int, default=None, help="override the layer count (smoke runs only)")
-    p.add_argument("--out", default=str(HERE / "results"))
+    add_scaled_model_args(p, HERE / "results")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
-    args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve_device(args)
     results = run(args)
     stem = out / f"table8_11_{args.device}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results))
+    write_results(stem, results, markdown(results))
     breakdown_figure(results, stem.with_suffix(".png"))
     timeline_figure(results, out / f"fig7_11_timelines_{args.device}.png")
     fig3_figure(results, out / f"fig3_memory_20k_{args.device}.png")

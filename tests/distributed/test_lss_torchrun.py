@@ -7,15 +7,10 @@ also checks the counted collectives against ``mst.distributed.predict_step`` (ca
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-WORKER = Path(__file__).with_name("sp_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
+from tests.distributed import run_sp_worker
+
 BACKENDS = ("lss", "allgather")
 CASES = {2: ["vanilla_mha_bs1", "mst_gqa_bs2_ignored", "mst_odd_len_padded", "mst_heads_not_divisible"]}
 CASES[4] = CASES[2] + ["vanilla_kv_replicated_bs2", "mst_sp2_dp2"]
@@ -25,12 +20,7 @@ CASES[4] = CASES[2] + ["vanilla_kv_replicated_bs2", "mst_sp2_dp2"]
 @pytest.mark.distributed
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_lss_matches_single_process(nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(WORKER), *BACKENDS], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    stdout, out = run_sp_worker(nproc, *BACKENDS)
     for backend in BACKENDS:
         for case in CASES[nproc]:
-            assert f"CASE {backend}_{case} OK" in proc.stdout, f"{backend} {case} did not pass:\n{out[-6000:]}"
+            assert f"CASE {backend}_{case} OK" in stdout, f"{backend} {case} did not pass:\n{out[-6000:]}"

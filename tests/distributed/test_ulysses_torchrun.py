@@ -7,15 +7,9 @@ padding (error), and on 4 ranks kv-head replication (kv 2 < sp 4), SP 2 x DP 2, 
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-WORKER = Path(__file__).with_name("sp_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
+from tests.distributed import run_sp_worker
 
 CASES = {
     2: ["vanilla_mha_bs1", "mst_gqa_bs2_ignored", "mst_odd_len_padded", "odd_len_unpadded"],
@@ -28,10 +22,6 @@ CASES = {
 @pytest.mark.distributed
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_sequence_parallel_matches_single_process(nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(WORKER)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    stdout, out = run_sp_worker(nproc)
     for case in CASES[nproc]:
-        assert f"CASE {case} OK" in proc.stdout, f"{case} did not pass:\n{out[-6000:]}"
+        assert f"CASE {case} OK" in stdout, f"{case} did not pass:\n{out[-6000:]}"
