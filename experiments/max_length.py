@@ -133,8 +133,13 @@ def run(args) -> dict:
             full = load_config(name)
             row = {"model": name, "strategies": {}}
             if device.type == "cpu":
-                small = scaled_config(name, hidden_size=args.hidden,
-                                      **({"num_hidden_layers": args.layers} if args.layers else {}))
+                overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+                if getattr(full, "attn_logit_softcapping", None):
+                    # HF has no SDPA path for Gemma-2's attention softcap and eager attention materialises S x S
+                    # scores; flash-attn applies the cap inside the kernel, i.e. with SDPA's memory. The CPU
+                    # emulation drops the cap (memory, not values, is measured) so attention is SDPA's as on a GPU.
+                    overrides["attn_logit_softcapping"] = None
+                small = scaled_config(name, hidden_size=args.hidden, **overrides)
                 k = small.hidden_size / full.hidden_size
                 t = args.length_scale or k
                 # per-token tensors of an fp32 CPU model are twice a bf16 model's (the fp32 logits upcast of HF's
