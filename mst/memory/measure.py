@@ -108,10 +108,10 @@ def _proc_status(field_name: str) -> int:
 
 
 def _release_free_heap() -> None:
-    """Give glibc's free heap pages back to the OS (``malloc_trim(0)``). Without it a step can reuse chunks freed
-    by an earlier, longer step (tensors under the mmap threshold: small weights' gradients, per-token statistics)
-    without growing the resident set, and the RSS peak under-counts: by 10-17% for a gradient-accumulation step
-    after a longer one, measured (experiments/table4/README.md)."""
+    """Give glibc's free heap pages back to the OS (``malloc_trim(0)``), so that chunks freed by an earlier, longer
+    step (tensors under the mmap threshold) count again when this step reuses them. What is left is page rounding:
+    within 0.4% of MemTracker for optimizer-in-backward steps, ~5% over for gradient-accumulation steps (measured,
+    experiments/table4/README.md); use method="tracker" where that matters."""
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to release, the measurement is as before
