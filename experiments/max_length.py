@@ -34,7 +34,7 @@ from tqdm import tqdm
 import mst
 from mst.configs import load_config, scaled_config
 from mst.memory.planner import DEFAULT_RESERVE_GB, plan
-from mst.memory.planner.traced import causal_attention
+from mst.memory.planner.traced import flash_equivalent
 from mst.memory.planner import max_seq_len as planned_max_seq_len
 from mst.memory.length_search import run_trial, search_max_seq_len
 from mst.memory.quantization import QUANTIZATIONS
@@ -134,16 +134,14 @@ def run(args) -> dict:
             full = load_config(name)
             row = {"model": name, "strategies": {}}
             if device.type == "cpu":
-                overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+                small = scaled_config(name, hidden_size=args.hidden,
+                                      **({"num_hidden_layers": args.layers} if args.layers else {}))
                 if getattr(full, "attn_logit_softcapping", None):
                     # HF has no SDPA path for Gemma-2's attention softcap: eager attention, or SDPA with its S x S
                     # masks, materialises S x S tensors on CPU, while flash-attn on a GPU applies the cap and the
-                    # windows inside the kernel. Memory, not values, is measured, so the CPU emulation drops the
-                    # cap and runs mask-free causal SDPA (the planner's attention: traced.causal_attention).
-                    overrides["attn_logit_softcapping"] = None
-                small = scaled_config(name, hidden_size=args.hidden, **overrides)
-                if "attn_logit_softcapping" in overrides:
-                    small._attn_implementation = causal_attention()
+                    # windows inside the kernel. Memory, not values, is measured, so the CPU emulation uses the
+                    # planner's flash-equivalent attention.
+                    small = flash_equivalent(small)
                 k = small.hidden_size / full.hidden_size
                 t = args.length_scale or k
                 # per-token tensors of an fp32 CPU model are twice a bf16 model's (the fp32 logits upcast of HF's

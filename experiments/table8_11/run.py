@@ -16,7 +16,7 @@ at S_s = S x k (k = d_s / d, the Table 2 length scale), fp32. Weights and every 
 and fp32 doubles bf16, so ``measured / (k^2 x 2)`` is a full-size bf16 equivalent (HF's fp32 upcast of bf16 logits
 is the exception: it costs nothing in fp32, so vanilla/AC activations are understated). The planner
 (``mst.memory.plan``) gives the full-size rows (labelled "planner") and the same scaled setting (to check it).
-Gemma-2 is measured with SDPA-causal attention and no attention softcap or sliding window (``causal_attention``:
+Gemma-2 is measured with SDPA-causal attention and no attention softcap or sliding window (``flash_equivalent``:
 memory-equivalent to the paper's FlashAttention-2; HF's eager Gemma-2 attention would materialise S x S scores).
 Outputs: results/table8_11_<device>.{json,md,png}, results/fig7_11_timelines_<device>.png and
 results/fig3_memory_20k_<device>.png.
@@ -42,7 +42,7 @@ import mst  # noqa: E402
 from mst.configs import load_config, scaled_config  # noqa: E402
 from mst.memory import measure_peak, plan  # noqa: E402
 from mst.memory.measure import free_memory  # noqa: E402
-from mst.memory.planner.traced import causal_attention  # noqa: E402
+from mst.memory.planner.traced import flash_equivalent  # noqa: E402
 from mst.memory.strategies import make_train_step, prepare  # noqa: E402
 from mst.memory.timeline import record_timeline  # noqa: E402
 
@@ -76,11 +76,7 @@ def scaled_model_config(name: str, args):
     cfg = load_config(name) if args.device == "cuda" else scaled_config(name, hidden_size=args.hidden,
                                                                         **({"num_hidden_layers": args.layers}
                                                                            if args.layers else {}))
-    if cfg.model_type.startswith("gemma"):  # as the traced planner does: no attention softcap, no window
-        cfg._attn_implementation = causal_attention()
-        cfg.attn_logit_softcapping = cfg.sliding_window = None
-        cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
-    return cfg
+    return flash_equivalent(cfg) if cfg.model_type.startswith("gemma") else cfg  # as the traced planner does
 
 
 def downsample(events: list[tuple[str, int]], points: int = MAX_TIMELINE_POINTS) -> dict:

@@ -150,6 +150,20 @@ def causal_attention() -> str:
     return CAUSAL_ATTENTION
 
 
+def flash_equivalent(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of ``config`` whose attention has a flash kernel's memory on any device: ``causal_attention()``, no
+    attention softcap, no sliding windows (FlashAttention applies both inside the kernel, without S x S tensors).
+    For memory work only (the planner, CPU emulations of GPU runs): the attention values differ from the model's."""
+    cfg = copy.deepcopy(config)
+    for name in ("sliding_window", "attn_logit_softcapping"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, None)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = ["full_attention"] * max(cfg.num_hidden_layers, 1)
+    cfg._attn_implementation = causal_attention()
+    return cfg
+
+
 def _step_in_backward(temporaries: int):
     """Post-accumulate-grad hook standing in for ``mst.memory.optimizer_in_backward``: the AdamW update's
     temporaries (2 for the for-loop, 1 for foreach), then the gradient is freed (``compose`` counts the state)."""
@@ -175,11 +189,7 @@ def _build(config: PretrainedConfig, num_layers: int, wl: Workload) -> torch.nn.
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = num_layers
     cfg.use_cache = False
-    for name in ("sliding_window", "attn_logit_softcapping"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, None)
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = ["full_attention"] * max(num_layers, 1)
+    cfg = flash_equivalent(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=wl.dtype, attn_implementation=causal_attention())
     return prepare(model, "mst" if wl.offload else wl.strategy, **dict(wl.mst_options))
