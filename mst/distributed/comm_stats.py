@@ -154,10 +154,7 @@ def predict_step(backend: str, *, sp: int, dp: int, layers: int, heads: int, kv_
 
 def grad_buckets(model: torch.nn.Module, bucket_bytes: int = 1024 ** 2) -> int:
     """How many all-reduces ``reduce_gradients(model, bucket_bytes=...)`` issues (its bucketing, per dtype)."""
-    from .loss import _buckets
+    from .loss import gradient_buckets
 
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            by_dtype.setdefault(p.dtype, []).append(p)
-    return sum(len(list(_buckets(ps, bucket_bytes))) for ps in by_dtype.values())
+    # a parameter and its gradient have the same dtype and size, so the parameters bucket as the gradients will
+    return sum(1 for _ in gradient_buckets([p for p in model.parameters() if p.requires_grad], bucket_bytes))

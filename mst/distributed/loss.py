@@ -101,13 +101,18 @@ def reduce_gradients(model: nn.Module, sp: SequenceParallel | None = None, *,
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     divisor = sp.size * sp.dp_size if BACKENDS[sp.backend].double_averaging else sp.dp_size
-    for grads in by_dtype.values():
-        for bucket in _buckets(grads, bucket_bytes):
-            _reduce(bucket, divisor)
+    for bucket in gradient_buckets([p.grad for p in params], bucket_bytes):
+        _reduce(bucket, divisor)
+
+
+def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int):
+    """The all-reduce buckets of ``reduce_gradients``: per dtype, in order, ``_buckets`` of ``grads``."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same_dtype in by_dtype.values():
+        yield from _buckets(same_dtype, bucket_bytes)
 
 
 def _buckets(grads: list[torch.Tensor], limit: int):
