@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -112,10 +113,18 @@ def _release_free_heap() -> None:
     step (tensors under the mmap threshold) count again when this step reuses them. What is left is page rounding:
     within 0.4% of MemTracker for optimizer-in-backward steps, ~5% over for gradient-accumulation steps (measured,
     experiments/table4/README.md); use method="tracker" where that matters."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None where there is none."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to release, the measurement is as before
-        pass
+        return None
 
 
 def _measure_rss(fn: Callable[[], object], track) -> MemoryReport:
