@@ -3,7 +3,7 @@ helpers, and the memory probes.
 
 Models: every family in ``mst.integrations.FAMILIES`` plus ``GENERIC_FAMILY`` (olmo2, outside the table) gets the
 same tiny shape (d=32, I=64, 2 layers, 4 heads, 2 KV heads, V=101), so a forward+backward takes milliseconds on
-CPU; V is prime and above d, so the default LM-head chunking (ceil(V/d) = 4 chunks) rarely divides a token count.
+CPU; V is prime and above d, so the default LM-head chunking (ceil(V/d) = 4 chunks, at least 8 tokens) rarely divides a token count.
 Overrides go straight to the HF config.
 
     model = tiny_model("gemma2", final_logit_softcapping=0.5)        # tiny_config(...) for the config only

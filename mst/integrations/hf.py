@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..ops import chunked_lm_head_loss, mini_sequence_mlp, resolve_chunk_tokens
+from ..ops import chunked_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens
 from .families import Family, family_of
 
 
@@ -31,11 +31,11 @@ class MsTOptions:
 
     mlp: bool = True
     lm_head: bool = True
-    mlp_chunk_tokens: int | None = None  # default: hidden size d (paper rule C = d)
+    mlp_chunk_tokens: int | None = None  # default: 4d tokens (paper: C = d; see default_mlp_chunk_tokens)
     mlp_chunks: int | None = None  # alternative: fixed number of mini-sequences M
     mlp_mode: str = "recompute"  # or "naive" (the official plain loop, for Table 15/16)
     lm_head_chunk_tokens: int | None = None
-    lm_head_chunks: int | None = None  # default: ceil(V / d)
+    lm_head_chunks: int | None = None  # default: ceil(V / d), at least d / 4 tokens each
     lm_head_logits_budget_bytes: int | None = None
     checkpointing: bool = True
     offload_checkpoints: bool = False
@@ -81,7 +81,7 @@ def _patch_mlp(mlp: nn.Module, hidden_size: int, opts: MsTOptions) -> None:
     @functools.wraps(original)
     def forward(x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1] if x.numel() else 0
-        chunk = resolve_chunk_tokens(n_tokens, opts.mlp_chunk_tokens, opts.mlp_chunks, default=hidden_size)
+        chunk = resolve_chunk_tokens(n_tokens, opts.mlp_chunk_tokens, opts.mlp_chunks, default=default_mlp_chunk_tokens(hidden_size))
         return mini_sequence_mlp(x, token_fn, [p for p in mlp.parameters() if p.requires_grad], chunk,
                                  mode=opts.mlp_mode)
 
@@ -171,11 +171,11 @@ def apply(model: nn.Module, **options) -> nn.Module:
 
     Options (all optional):
       mlp / lm_head (bool): patch the MLPs / the LM-head + loss (default both).
-      mlp_chunk_tokens (int) or mlp_chunks (int): mini-sequence size of the MLP (default: hidden size d tokens,
+      mlp_chunk_tokens (int) or mlp_chunks (int): mini-sequence size of the MLP (default: 4d tokens,
           over batch x seq; no split when there are at most that many tokens).
       mlp_mode: "recompute" (exact MsT, default) or "naive" (the official plain loop, saves everything).
       lm_head_chunk_tokens, lm_head_chunks or lm_head_logits_budget_bytes: LM-head chunking
-          (default M = ceil(V / d) chunks).
+          (default M = ceil(V / d) chunks of at least d / 4 tokens).
       checkpointing (bool): activation checkpointing of every decoder layer (default True; needs model.train()).
       offload_checkpoints (bool): keep the checkpointed layer inputs on CPU between forward and backward.
 

@@ -4,7 +4,8 @@ defaults plus a relative norm error <= 1e-5, since assert_close's atol alone is 
 
 Sequence lengths {1, 7, 125, 2*chunk+3} with a 16-token MLP chunk cover: no valid label at all (S=1 after the
 shift), no MLP split (7 or 14 tokens), and many mini-sequences with a remainder (35 x 2 = 70, 125). The LM head
-uses its default M = ceil(V/d) = 4 chunks, which leaves a short last chunk for every S > 1 here.
+uses its default M = ceil(V/d) = 4 chunks of at least d/4 = 8 tokens, which leaves a short last chunk for every
+S > 1 here.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_options_stay_exact(apply_kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_default_options_long_sequence(model_type):
-    """Library defaults (MLP chunk C = d = 32, LM-head M = ceil(V/d)) on 2 x 1000 tokens and 3 layers."""
+    """Library defaults (MLP chunk C = 4d = 128, LM-head M = ceil(V/d)) on 2 x 1000 tokens and 3 layers."""
     ref = tiny_model(model_type, num_hidden_layers=3, max_position_embeddings=1024)
     got = mst.apply(clone_model(ref))
     ids = make_input_ids(2, 1000)

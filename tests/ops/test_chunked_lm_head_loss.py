@@ -159,10 +159,17 @@ def test_fewer_tokens_than_chunks(n_tokens, num_chunks):
 
 
 def test_default_chunks_on_short_input():
-    """Default M = ceil(V/d) = 7 on a 5-token input: still the full loss."""
+    """Default on a 5-token input: the d/4 = 4-token floor gives a 4-token chunk and a 1-token remainder; still the
+    full loss."""
     h, w, b, y = make_inputs(shape=(5,))
-    assert lm_head_chunk_tokens(5, V, D) == 1
+    assert lm_head_chunk_tokens(5, V, D) == 4
     assert_matches_reference(h, w, b, y)
+
+
+@pytest.mark.parametrize("n_tokens, expected", [(1, 1024), (1024, 1024), (32 * 1024, 1024), (80_000, 2500)])
+def test_default_chunk_rule_llama3_shapes(n_tokens, expected):
+    """M = ceil(V/d) = 32 chunks for Llama3-8B (V=128256, d=4096), but never below d/4 = 1024 tokens a chunk."""
+    assert lm_head_chunk_tokens(n_tokens, 128256, 4096) == expected
 
 
 @pytest.mark.parametrize("num_chunks", [4, 8, 64])

@@ -122,3 +122,33 @@ def test_resolve_chunk_tokens():
                    {"chunk_tokens": 4, "num_chunks": 2}):
         with pytest.raises(ValueError):
             resolve_chunk_tokens(100, **kwargs)
+
+
+@pytest.mark.parametrize("post_op_saves_output", [False, True])
+def test_checkpoint_recompute_skips_the_mlp(post_op_saves_output):
+    """Under non-reentrant checkpointing the layer's recompute stops once X is saved again (torch's early stop), so
+    the MLP runs forward twice per step (forward + MsT's per-chunk recompute), as plain checkpointing does, unless an
+    op after the MLP saves its output (Gemma-2's post-MLP norm): then three times. Exact either way."""
+    mlp = make_mlp()
+    calls = {"n": 0}
+
+    def counted(t: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return mlp(t)
+
+    def layer(h: torch.Tensor, mlp_fn) -> torch.Tensor:
+        y = mlp_fn(h * 2)
+        return h + (y * y if post_op_saves_output else y)
+
+    x = torch.randn(2, 50, D)
+    results = []
+    for chunked in (False, True):
+        mlp.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        fn = (lambda h: mini_sequence_mlp(h, counted, list(mlp.parameters()), 16)) if chunked else mlp
+        calls["n"] = 0
+        out = torch.utils.checkpoint.checkpoint(layer, xi, fn, use_reentrant=False)
+        out.sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad for n, p in mlp.named_parameters()}))
+    assert calls["n"] == 7 * (3 if post_op_saves_output else 2)  # 100 tokens = 7 chunks of 16
+    assert_same(results[1], results[0])

@@ -10,10 +10,10 @@ intermediate, C = the chunk of a mini-sequence):
 - Attention saves q and k after RoPE, v, the output (which o_proj reuses as its input) and the fp32 logsumexp of a
   flash kernel: 2Q + 2KV + LSE. The projections' inputs are the norm outputs.
 - The MLP saves gate, act(gate), up and their product: 4 Mi; its backward holds three more (dp, d act, d up).
-- MsT's MLP keeps only its input; backward recomputes one chunk of C = d tokens (6 chunk intermediates), writes an
+- MsT's MLP keeps only its input; backward recomputes one chunk of C = 4d tokens (6 chunk intermediates), writes an
   X-sized input gradient and keeps fp32 weight-gradient accumulators (3 f d I) plus the chunk's bf16 gradients.
 - HF's loss upcasts the T x V logits to fp32 and saves log_softmax (f T V); its backward holds two more f T V.
-- MsT's LM head saves nothing but the hidden state and labels; per chunk of C = T / ceil(V/d) tokens it holds two
+- MsT's LM head saves nothing but the hidden state and labels; per chunk of C = max(T / ceil(V/d), d/4) tokens it holds two
   f C V (logits, softmax) and the previous chunk's a C V logits gradient, plus a V x d weight-gradient accumulator
   (fp32 for low-precision weights).
 
@@ -23,6 +23,7 @@ Checked against the traced engine and against measured CPU steps in ``tests/memo
 """
 from __future__ import annotations
 
+from ...ops import default_mlp_chunk_tokens
 from .compose import HeadProfile, LayerProfile, adam_step_temporaries
 from .spec import FP32, INT64, ModelSpec, Workload, lm_head_chunk
 
@@ -36,9 +37,10 @@ class _Sizes:
         self.X, self.Xf, self.R = a * t * spec.hidden, FP32 * t * spec.hidden, FP32 * t
         self.Q, self.KV, self.LSE = a * t * spec.q_dim, a * t * spec.kv_dim, FP32 * t * spec.heads
         self.Mi = a * t * spec.intermediate
-        self.split = wl.chunked and t > spec.hidden  # MsT's MLP chunk C = d tokens, no split when T <= d
+        chunk = default_mlp_chunk_tokens(spec.hidden)
+        self.split = wl.chunked and t > chunk  # MsT's MLP chunk C tokens, no split when T <= C
         self.mlp_w = a * spec.hidden * spec.intermediate  # one MLP weight (or its gradient)
-        self.Mc = self.mlp_w  # one chunk intermediate, a C I with C = d: the same size as an MLP weight
+        self.Mc = a * chunk * spec.intermediate  # one chunk intermediate, a C I
         self.low = a < FP32  # bf16/fp16: RMSNorm and the losses make fp32 copies
         self.train_w = not wl.frozen  # quantized training: base weights make no gradients (LoRA's are negligible)
         # a k-bit projection is dequantized to the compute dtype for each matmul: one weight-sized transient

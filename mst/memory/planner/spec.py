@@ -7,12 +7,12 @@ device whose allocator conventions apply. Both are plain frozen dataclasses so p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
 
+from ...ops import lm_head_chunk_tokens
 from ..quantization import QUANTIZATIONS
 from ..strategies import OPTIMIZERS, STRATEGIES
 
@@ -191,5 +191,5 @@ class Workload:
 
 
 def lm_head_chunk(spec: ModelSpec, tokens: int) -> int:
-    """Tokens per chunk of MsT's LM head: M = ceil(V / d) chunks (``mst.ops.lm_head_chunk_tokens`` default)."""
-    return max(1, math.ceil(tokens / math.ceil(spec.vocab / spec.hidden)))
+    """Tokens per chunk of MsT's LM head (``mst.ops.lm_head_chunk_tokens``' default)."""
+    return lm_head_chunk_tokens(tokens, spec.vocab, spec.hidden)
