@@ -31,7 +31,7 @@ class MsTOptions:
 
     mlp: bool = True
     lm_head: bool = True
-    mlp_chunk_tokens: int | None = None  # default: 4d tokens (paper: C = d; see default_mlp_chunk_tokens)
+    mlp_chunk_tokens: int | None = None  # default: 2d tokens (paper: C = d; see default_mlp_chunk_tokens)
     mlp_chunks: int | None = None  # alternative: fixed number of mini-sequences M
     mlp_mode: str = "recompute"  # or "naive" (the official plain loop, for Table 15/16)
     lm_head_chunk_tokens: int | None = None
@@ -171,7 +171,7 @@ def apply(model: nn.Module, **options) -> nn.Module:
 
     Options (all optional):
       mlp / lm_head (bool): patch the MLPs / the LM-head + loss (default both).
-      mlp_chunk_tokens (int) or mlp_chunks (int): mini-sequence size of the MLP (default: 4d tokens,
+      mlp_chunk_tokens (int) or mlp_chunks (int): mini-sequence size of the MLP (default: 2d tokens,
           over batch x seq; no split when there are at most that many tokens).
       mlp_mode: "recompute" (exact MsT, default) or "naive" (the official plain loop, saves everything).
       lm_head_chunk_tokens, lm_head_chunks or lm_head_logits_budget_bytes: LM-head chunking

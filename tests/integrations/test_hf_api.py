@@ -142,13 +142,13 @@ def test_lm_head_budget_below_one_token_raises_at_call():
 
 
 @pytest.mark.parametrize("options,n_tokens,calls", [
-    ({}, 300, 3),  # default C = 4d = 128 tokens: ceil(300 / 128)
-    ({}, 128, 1),  # at most C tokens: no split
+    ({}, 300, 5),  # default C = 2d = 64 tokens: ceil(300 / 64)
+    ({}, 64, 1),  # at most C tokens: no split
     ({"mlp_chunk_tokens": 7}, 100, 15),
     ({"mlp_chunks": 3}, 100, 3),
 ])
 def test_mlp_mini_sequence_count(options, n_tokens, calls):
-    """The MLP runs once per mini-sequence: the default C = 4d, or the requested size / count."""
+    """The MLP runs once per mini-sequence: the default C = 2d, or the requested size / count."""
     model = tiny_model("llama").eval()
     mlp_cls = type(model.model.layers[0].mlp)
     with mock.patch.object(mlp_cls, "forward", autospec=True, side_effect=mlp_cls.forward) as spy:

@@ -109,7 +109,7 @@ def test_options_stay_exact(apply_kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_default_options_long_sequence(model_type):
-    """Library defaults (MLP chunk C = 4d = 128, LM-head M = ceil(V/d)) on 2 x 1000 tokens and 3 layers."""
+    """Library defaults (MLP chunk C = 2d = 64, LM-head M = ceil(V/d)) on 2 x 1000 tokens and 3 layers."""
     ref = tiny_model(model_type, num_hidden_layers=3, max_position_embeddings=1024)
     got = mst.apply(clone_model(ref))
     ids = make_input_ids(2, 1000)

@@ -10,7 +10,7 @@ intermediate, C = the chunk of a mini-sequence):
 - Attention saves q and k after RoPE, v, the output (which o_proj reuses as its input) and the fp32 logsumexp of a
   flash kernel: 2Q + 2KV + LSE. The projections' inputs are the norm outputs.
 - The MLP saves gate, act(gate), up and their product: 4 Mi; its backward holds three more (dp, d act, d up).
-- MsT's MLP keeps only its input; backward recomputes one chunk of C = 4d tokens (6 chunk intermediates), writes an
+- MsT's MLP keeps only its input; backward recomputes one chunk of C = 2d tokens (6 chunk intermediates), writes an
   X-sized input gradient and keeps fp32 weight-gradient accumulators (3 f d I) plus the chunk's bf16 gradients.
 - HF's loss upcasts the T x V logits to fp32 and saves log_softmax (f T V); its backward holds two more f T V.
 - MsT's LM head saves nothing but the hidden state and labels; per chunk of C = max(T / ceil(V/d), d/4) tokens it holds two
