@@ -77,10 +77,11 @@ def build_model(config, device: torch.device, dtype: torch.dtype, weights: str |
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def search_one(config, name: str, args, free_bytes: int | None, device: torch.device, start: int,
-               granularity: int, bar) -> dict:
+def search_one(config, name: str, args, free_bytes: int | None, device: torch.device, bar,
+               expect: int | None = None) -> dict:
     """Search one strategy. ``free_bytes`` (CPU emulation) is added to this model's own static bytes -- weights,
-    gradients and optimizer state, i.e. the peak of a 16-token step -- to form the budget; None = the real device."""
+    gradients and optimizer state, i.e. the peak of a 16-token step -- to form the budget, and the planner's limit
+    for exactly that budget seeds the search; ``free_bytes=None``: the real device, the search seeded by ``expect``."""
     strategy, quantization = split_strategy(name)
     model = prepare(build_model(config, device, args.dtype, args.weights), strategy, quantization=quantization)
     step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
@@ -88,19 +89,21 @@ def search_one(config, name: str, args, free_bytes: int | None, device: torch.de
     def make_step(seq_len: int):
         return (lambda: step(seq_len)), track
 
-    budget = None
+    budget, granularity = None, 1024
     if free_bytes is not None:
         static, _ = run_trial(make_step, 16, None, device, method="rss")
         budget = int(static.peak_bytes) + free_bytes
+        expect = planner_small(config, name, budget, args)
+        granularity = max(16, expect // 32 // 16 * 16)
 
     def progress(trial):
         bar.set_postfix_str(f"{name} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
 
-    result = search_max_seq_len(make_step, budget_bytes=budget, device=device, start=start,
+    result = search_max_seq_len(make_step, budget_bytes=budget, device=device, expect=expect,
                                 granularity=granularity, progress=progress, warmup_steps=1,
                                 method="rss" if device.type == "cpu" else "tracker")
     del model
-    return result.to_dict()
+    return {**result.to_dict(), "seed": expect}
 
 
 def planner_kwargs(name: str, args, **overrides) -> tuple[str, dict]:
@@ -154,17 +157,11 @@ def run(args) -> dict:
                 cell = {"planner_full": predicted}
                 if device.type == "cpu":
                     free_full = (args.gpu_mem_gb - DEFAULT_RESERVE_GB) * GiB - static_bytes_full(full, strategy, args)
-                    # the planner seeds the search (half its scaled prediction), so a few trials bracket the limit
-                    expect = max(64, int(predicted * t))
-                    start = max(32, expect // 2 // 16 * 16)
-                    found = search_one(small, strategy, args, int(free_full * k * t * dtype_factor), device,
-                                       start=start, granularity=max(16, expect // 32 // 16 * 16), bar=bar)
+                    found = search_one(small, strategy, args, int(free_full * k * t * dtype_factor), device, bar)
                     cell.update(measured_small=found["max_seq_len"], measured_full_equiv=round(found["max_seq_len"] / t),
-                                budget_bytes=found["budget_bytes"], search=found)
-                    cell["planner_small"] = planner_small(small, strategy, found["budget_bytes"], args)
+                                budget_bytes=found["budget_bytes"], planner_small=found["seed"], search=found)
                 else:
-                    found = search_one(full, strategy, args, None, device, start=max(1024, predicted // 2 // 1024 * 1024),
-                                       granularity=1024, bar=bar)
+                    found = search_one(full, strategy, args, None, device, bar, expect=predicted)
                     cell.update(measured_full=found["max_seq_len"], search=found)
                 row["strategies"][strategy] = cell
                 bar.update(1)

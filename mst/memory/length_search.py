@@ -72,9 +72,14 @@ def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, de
 
 def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, device: str | torch.device = "cpu",
                        start: int = 256, granularity: int = 64, max_len: int = 1 << 22, warmup_steps: int = 1,
-                       progress: Callable[[Trial], None] | None = None, method: str = "tracker") -> SearchResult:
-    """Largest multiple of ``granularity`` (>= ``start``) whose training step fits; see the module docstring.
+                       progress: Callable[[Trial], None] | None = None, method: str = "tracker",
+                       expect: int | None = None) -> SearchResult:
+    """Largest multiple of ``granularity`` whose training step fits; see the module docstring.
 
+    Without ``expect``: doubling from ``start`` until a failure, then bisection. With ``expect`` (a prediction, e.g.
+    the planner's for this exact setting): the first trial is at ``expect``, then steps of 2, 4, 8, ... granules go
+    up while trials fit (or down while they fail) before the bisection, so an accurate prediction costs about three
+    trials near the limit instead of a doubling ladder that overshoots it by up to 2x.
     ``method`` is passed to ``measure_peak`` ("rss" makes long CPU searches several times faster).
     """
     if start <= 0 or granularity <= 0:
@@ -92,9 +97,12 @@ def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, devi
             result.breakdown = breakdown
         return trial.fits
 
-    lo, hi = 0, start
-    while hi <= max_len and attempt(hi):  # doubling phase
-        lo, hi = hi, hi * 2
+    if expect is None:
+        lo, hi = 0, start
+        while hi <= max_len and attempt(hi):  # doubling phase
+            lo, hi = hi, hi * 2
+    else:
+        lo, hi = _bracket(attempt, expect, granularity, max_len)
     hi = min(hi, max_len + granularity)
     while hi - lo > granularity:  # bisection phase, on multiples of granularity
         mid = (lo + hi) // 2 // granularity * granularity
@@ -105,3 +113,22 @@ def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, devi
         else:
             hi = mid
     return result
+
+
+def _bracket(attempt: Callable[[int], bool], expect: int, granularity: int, max_len: int) -> tuple[int, int]:
+    """(fits, fails) lengths around ``expect``, found by growing steps of 2, 4, 8, ... granules."""
+    seed = min(max(granularity, round(expect / granularity) * granularity), max_len // granularity * granularity)
+    step = 2 * granularity
+    if attempt(seed):
+        lo = seed
+        while lo + step <= max_len:
+            if not attempt(lo + step):
+                return lo, lo + step
+            lo, step = lo + step, 2 * step
+        return lo, max_len + granularity
+    hi = seed
+    while hi - step > 0:
+        if attempt(hi - step):
+            return hi - step, hi
+        hi, step = hi - step, 2 * step
+    return 0, hi

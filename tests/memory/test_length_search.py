@@ -79,3 +79,17 @@ def test_unknown_strategy_and_optimizer():
         prepare(tiny_model("llama"), "magic")
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_train_step(tiny_model("llama"), optimizer="sgd")
+
+
+@pytest.mark.parametrize("expect", [1, 40, 640, 700, 704, 800, 5000, 10 ** 6])
+@pytest.mark.parametrize("limit", [0, 15, 700, 4096])
+def test_search_seeded_by_a_prediction_finds_the_same_limit(limit, expect):
+    """A prediction only changes where the search starts: the limit is the same whether it is exact, 10x off or
+    below one granule; an exact one costs at most three trials."""
+    budget = limit * 1024 + 512
+    res = search_max_seq_len(synthetic(limit), budget_bytes=budget, granularity=16, max_len=8192, expect=expect,
+                             method="tracker")
+    assert res.max_seq_len == limit // 16 * 16
+    assert all(t.fits == (t.seq_len * 1024 <= budget) for t in res.trials)
+    if expect == limit:
+        assert len(res.trials) <= 3
