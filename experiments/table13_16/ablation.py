@@ -50,7 +50,7 @@ from mst.configs import load_config, scaled_config
 from mst.memory import max_seq_len, plan
 from mst.memory.measure import free_memory, measure_peak
 from mst.memory.planner.traced import LiveBytes
-from mst.ops import chunked_lm_head_loss, mini_sequence_mlp, resolve_chunk_tokens
+from mst.ops import chunked_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -235,7 +235,8 @@ def anchors(args, full, bar: tqdm) -> list[dict]:
 
 
 def chunk_default(args, full, bar: tqdm) -> dict:
-    """Item 4: chunk sizes in tokens against the current defaults (MLP C = d, LM-head M = ceil(V/d)).
+    """Item 4: chunk sizes in tokens against the paper's rule (MLP C = d, LM-head M = ceil(V/d)); the measurement
+    behind the library defaults (``mst.ops.default_mlp_chunk_tokens``, ``lm_head_chunk_tokens``).
     Times only (memory is the planner's): at 1/``args.chunk_scale`` on CPU, larger than the tables' scale so
     that a chunk is a sizeable matmul, as at full size."""
     d, vocab = full.hidden_size, full.vocab_size
@@ -259,7 +260,7 @@ def chunk_default(args, full, bar: tqdm) -> dict:
                                          **measure_case(op, scaled, small, scaled_setting, args, memory=False)}})
                 bar.update()
     models = []
-    for strategy, label, opts in whole_model_options(args.chunk_tokens, d) if args.max_len else []:
+    for strategy, label, opts in whole_model_options(args.chunk_tokens, d, vocab) if args.max_len else []:
         bar.set_description(f"max_seq_len {strategy} {label}")
         kwargs = dict(optimizer="adamw_in_backward", engine="traced", mst_options=opts)
         at = plan(MODEL, args.plan_seq_len, strategy, **kwargs)
@@ -268,24 +269,27 @@ def chunk_default(args, full, bar: tqdm) -> dict:
                                                   granularity=args.granularity, **kwargs),
                        "peak_bytes_at": at.peak_bytes, "phase_at": at.phase})
         bar.update()
-    return {"mlp_default_tokens": d, "lm_head_default_chunks": head_default, "ops": ops, "max_len": models,
+    return {"mlp_paper_tokens": d, "mlp_default_tokens": default_mlp_chunk_tokens(d),
+            "lm_head_default_chunks": head_default, "ops": ops, "max_len": models,
             "scale": scale, "measured_shapes": {"d": scaled.hidden_size, "I": scaled.intermediate_size,
                                                 "V": scaled.vocab_size},
             "plan_seq_len": args.plan_seq_len, "gpu_mem_gb": args.gpu_mem_gb,
             "optimizer": "adamw_in_backward", "engine": "traced"}
 
 
-def whole_model_options(chunk_tokens: tuple[int, ...], d: int) -> list[tuple[str, str, dict]]:
-    """(strategy, label, ``mst.apply`` options) for the whole-model max length: each MLP and LM-head chunk size
-    alone (plus the target's small LM-head chunks) under MsT, and the candidates under MsT + checkpoint offload,
-    where sequences are ~2.5x longer and the M = ceil(V/d) LM-head chunk grows with them."""
+def whole_model_options(chunk_tokens: tuple[int, ...], d: int, vocab: int) -> list[tuple[str, str, dict]]:
+    """(strategy, label, ``mst.apply`` options) for the whole-model max length: the paper's rule, the library
+    defaults, each MLP and LM-head chunk size alone (plus the target's small LM-head chunks) under MsT, and the
+    candidates under MsT + checkpoint offload, where sequences are ~2.5x longer and the M = ceil(V/d) LM-head chunk
+    grows with them."""
+    paper = ("paper rule C=d, M=ceil(V/d)", {"mlp_chunk_tokens": d, "lm_head_chunks": math.ceil(vocab / d)})
     mlp = [(f"mlp_chunk_tokens={c}", {"mlp_chunk_tokens": c}) for c in chunk_tokens if c != d]
     head = [(f"lm_head_chunk_tokens={c}", {"lm_head_chunk_tokens": c})
             for c in sorted({*TARGET_CHUNK_TOKENS[:2], *chunk_tokens})]
     candidates = ({"mlp_chunk_tokens": 4 * d}, {"lm_head_chunk_tokens": TARGET_CHUNK_TOKENS[1]},
                   {"lm_head_chunk_tokens": d})
-    offload = [("default", {})] + [o for o in mlp + head if o[1] in candidates]
-    return ([("mst", "default", {})] + [("mst", *o) for o in mlp + head]
+    offload = [paper, ("default", {})] + [o for o in mlp + head if o[1] in candidates]
+    return ([("mst", *paper), ("mst", "default", {})] + [("mst", *o) for o in mlp + head]
             + [("mst_offload", *o) for o in offload])
 
 
@@ -345,7 +349,7 @@ def run(args: argparse.Namespace) -> dict:
     scaled = scaled_config(MODEL, full.hidden_size // args.scale) if args.scale > 1 else full
     n_ablation = sum(len(op_settings(op, args.chunks)) for op in ("lm_head", "mlp")) * len(args.seq_lens)
     n_chunk = (2 * len(args.chunk_tokens) + 1) * len(args.chunk_seq_lens) + args.max_len * len(
-        whole_model_options(args.chunk_tokens, full.hidden_size))
+        whole_model_options(args.chunk_tokens, full.hidden_size, full.vocab_size))
     start = time.time()
     with tqdm(total=n_ablation + 5 * bool(args.anchor_reps) + n_chunk, unit="cell") as bar:
         table = ablation(args, full, scaled, bar)

@@ -132,8 +132,8 @@ def chunk_figure(results: dict, out: str | Path) -> Path:
         axes[2].tick_params(axis="y", labelsize=7)
     else:
         axes[2].set_axis_off()
-    return save_figure(fig, out, "Default chunk sizes: MLP C = d vs larger token chunks; LM-head M = ceil(V/d) vs token "
-                       "chunks", dpi=110)
+    return save_figure(fig, out, "Chunk sizes: MLP C = d (paper) vs larger token chunks; LM-head M = ceil(V/d) (paper) "
+                       "vs token chunks", dpi=110)
 
 
 
@@ -230,8 +230,10 @@ def chunk_markdown(results: dict) -> list[str]:
     for op in ("mlp", "lm_head"):
         for setting in dict.fromkeys(c["setting"] for c in chunk["ops"] if c["op"] == op):
             cells = {c["seq_len"]: c for c in chunk["ops"] if c["op"] == op and c["setting"] == setting}
-            label = f"C={setting}" + (" (default, = d)" if setting == str(chunk["mlp_default_tokens"]) and op == "mlp"
-                                      else " (default)" if setting.startswith("M=") else "")
+            paper_mlp = str(chunk.get("mlp_paper_tokens", chunk["mlp_default_tokens"]))
+            label = f"C={setting}" + (" (paper, = d)" if setting == paper_mlp and op == "mlp"
+                                      else " (default, = 4d)" if setting == str(chunk["mlp_default_tokens"])
+                                      and op == "mlp" else " (paper rule)" if setting.startswith("M=") else "")
             lines.append(f"| {OPS[op][0]} | {label} | " + " | ".join(
                 f"{_gb(cells[s]['planner']['peak_bytes'])} / {cells[s]['measured'].get('time_s', float('nan')):.3g} s"
                 if s in cells else "-" for s in seqs) + " |")

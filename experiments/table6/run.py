@@ -18,8 +18,9 @@ dtype_factor); the largest batch of each strategy is found with ``mst.memory.len
 CPU mode uses the scaled models of experiments/max_length.py (d = 128, same L, V/d, I/d, GQA) with sequence lengths
 scaled by the Table 2 factor t = k = d_s / d (8K -> 256, 4K -> 128 tokens), fp32. Absolute CPU tokens/s are not
 comparable with an A100's; the ratios are. It also counts MLP forward passes per step (a hook on each MLP's
-activation) and times one MLP forward, to see whether MsT's extra MLP forward under checkpointing (checkpoint
-recompute, then the per-chunk recompute of MsT's backward) shows up.
+activation) and times one MLP forward: MsT with checkpointing runs the MLP forward twice per step, as AC does (the
+checkpoint's recompute stops before the MLP, whose per-chunk recompute in backward takes its place;
+``mst.ops.mini_sequence_mlp``), where a naive combination runs it three times.
 Outputs: results/table6_<device>.{json,md,png}.
 """
 from __future__ import annotations
@@ -132,7 +133,7 @@ def time_round_robin(model, step, variants: list[str], seq: int, batch: int, arg
 
 
 def mlp_forward_passes(model, step, variants: list[str], seq: int, batch: int) -> dict:
-    """Tokens through an MLP forward per step, in units of batch x seq x layers (vanilla 1, AC 2, MsT+AC 3),
+    """Tokens through an MLP forward per step, in units of batch x seq x layers (vanilla 1, AC 2, MsT+AC 2),
     counted by a hook on every layer's MLP activation."""
     counted = {"tokens": 0}
     layers = model.get_decoder().layers
