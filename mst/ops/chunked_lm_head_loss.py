@@ -2,8 +2,11 @@
 
 Forward computes, one mini-sequence of tokens at a time, logits = h W^T (+ b), upcasts to fp32 like HF's loss,
 applies optional logit scaling and final-logit softcapping (Gemma-2/3), and accumulates the summed cross-entropy.
-Only h, W and the labels are saved. Backward recomputes each chunk's logits and forms
-dlogits = (softmax - onehot) * per-token weight, then dh = dlogits W and dW += dlogits^T h.
+For a summed / mean loss that needs gradients, the same loop also forms each chunk's gradient while its logits
+exist -- dlogits = (softmax - onehot) * per-token weight, dh = dlogits W, dW += dlogits^T h -- so the logits matmul
+runs once, as in vanilla (Liger and Apple's CCE do the same); backward only multiplies by the upstream scalar.
+Per-token losses (reduction="none", upstream gradient per token) save h, W and the labels and recompute each
+chunk's logits in backward instead.
 
 Fixes against the official code (paper.md §5.2): dW is *returned* to autograd only (no manual ``.grad`` writes, so
 no 2x and no blow-up under gradient accumulation; tied embeddings just add up); chunks are a fixed size with a
@@ -11,8 +14,9 @@ remainder chunk (no dropped tail tokens, no loss 0 when S < M); the loss is norm
 tokens (or HF's ``num_items_in_batch``); softcapping is applied.
 
 Legend: N = tokens (batch x seq flattened), d = hidden, V = vocab, C = chunk tokens.
-Memory: O(C x V) fp32 transient instead of O(N x V); plus a V x d fp32 gradient accumulator for bf16/fp16 weights.
-Cost: the LM-head matmul runs twice (forward, and recompute in backward) plus the dW/dh matmuls of vanilla.
+Memory: O(C x V) fp32 transient instead of O(N x V); plus a V x d fp32 gradient accumulator for bf16/fp16 weights,
+held from the forward to the backward of the loss (nothing else runs in between in a training step).
+Cost: vanilla's three LM-head matmuls (logits, dh, dW); reduction="none" adds a logits recompute.
 """
 from __future__ import annotations
 
@@ -68,66 +72,142 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return t * softcap, t
 
 
+def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, tok_w: torch.Tensor,
+                     logit_scale: float | None) -> torch.Tensor:
+    """d(loss)/d(raw logits) of one chunk, in place on its softmax ``dz``: (softmax - onehot) x per-token weight,
+    times the softcap and scale derivatives. ``labels`` are clamped (ignored tokens have weight 0)."""
+    rows = torch.arange(dz.shape[0], device=dz.device)
+    dz[rows, labels] -= 1.0
+    dz.mul_(tok_w[:, None])
+    if t is not None:  # d(cap * tanh(z/cap))/dz = 1 - tanh^2
+        dz.mul_(t.square_().neg_().add_(1.0))
+    if logit_scale is not None:
+        dz.mul_(logit_scale)
+    return dz
+
+
+_gemm_fp32_out = True  # CUDA bf16/fp16 GEMM with an fp32 output (torch >= 2.8); off after the first refusal
+
+
+def _addmm_wide(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b accumulated in acc's (wider) dtype. On CUDA a bf16/fp16 GEMM writing fp32 keeps the tensor
+    cores; elsewhere (or on a torch without it) the inputs are upcast, an fp32 GEMM with the same result."""
+    global _gemm_fp32_out
+    if a.dtype != acc.dtype and a.is_cuda and _gemm_fp32_out:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):  # refused at dispatch, before any write
+            _gemm_fp32_out = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _Gradients:
+    """Gradients of the hidden states, weight and bias, filled one chunk at a time.
+
+    The weight and bias gradients are accumulated over chunks in fp32 for bf16/fp16 weights, as exact as vanilla's
+    single matmul (which accumulates in fp32 inside the GEMM) rather than a sum of rounded partials."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 wanted: tuple[bool, ...]):
+        self.weight, self.bias_dtype = weight, bias.dtype if bias is not None else None
+        acc = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+        self.h = torch.zeros_like(hidden) if wanted[0] else None
+        self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wanted[1] else None
+        self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if wanted[2] else None
+
+    def add_chunk(self, start: int, h: torch.Tensor, dz: torch.Tensor) -> None:
+        """Add the chunk of input rows ``start:start + len(h)`` whose fp32 logits gradient is ``dz``."""
+        dlogits = dz.to(self.weight.dtype)  # the precision of vanilla's logits gradient
+        if self.h is not None:
+            self.h[start:start + h.shape[0]] = dlogits @ self.weight
+        if self.w is not None:
+            _addmm_wide(self.w, dlogits.t(), h)
+        if self.b is not None:
+            self.b.add_(dlogits.sum(0, dtype=self.b.dtype))
+
+    def release(self, grad_out: torch.Tensor | None = None) -> tuple:
+        """(hidden, weight, bias) gradients times the scalar upstream gradient ``grad_out`` (exact for the usual
+        1.0 of ``loss.backward()`` and for powers of two), in the inputs' dtypes; the buffers are given up."""
+        out = []
+        for g, dtype in ((self.h, None), (self.w, self.weight.dtype), (self.b, self.bias_dtype)):
+            if g is not None and grad_out is not None:
+                g.mul_(grad_out.to(g.dtype))
+            out.append(g.to(dtype) if g is not None and dtype is not None else g)
+        self.h = self.w = self.b = None
+        return tuple(out)
+
+
 class ChunkedLMHeadLossFunction(torch.autograd.Function):
-    """Per-token (reduction="none") or summed cross-entropy of ``h W^T`` without materialising N x V logits."""
+    """Per-token (reduction="none") or summed cross-entropy of ``h W^T`` without materialising N x V logits.
+
+    Summed loss with gradients wanted (``grads_in_forward``): each chunk's gradients are formed in the forward,
+    right after its loss, while its logits exist -- the logits matmul runs once, as in vanilla, and backward only
+    scales them by the upstream scalar. The loss is divided by ``divisor`` inside, so the common mean loss gets
+    upstream gradient 1. Per-token losses (whose upstream gradient weights each token) recompute in backward.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, logit_scale, softcap, per_token):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, logit_scale, softcap, per_token,
+                divisor, grads_in_forward):
         ctx.chunk_tokens, ctx.ignore_index = chunk_tokens, ignore_index
         ctx.logit_scale, ctx.softcap, ctx.per_token = logit_scale, softcap, per_token
         ctx.autocast = autocast_state(hidden.device.type)
-        ctx.save_for_backward(hidden, weight, bias, labels)
+        valid = labels != ignore_index
+        # kept as an attribute, not a saved tensor: saved-tensor hooks (checkpoint offload) must not move them
+        ctx.grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3]) if grads_in_forward else None
+        if ctx.grads is None:
+            ctx.save_for_backward(hidden, weight, bias, labels)
+        else:
+            tok_w = valid * (1.0 / divisor if divisor is not None else 1.0)
+            safe_labels = labels.clamp_min(0)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_tokens):
-            y = labels[s:s + chunk_tokens]
-            if bool((y == ignore_index).all()):
+            e = s + chunk_tokens
+            if not bool(valid[s:e].any()):
                 continue
-            z, _ = _chunk_logits(hidden[s:s + chunk_tokens], weight, bias, logit_scale, softcap)
-            losses[s:s + chunk_tokens] = F.cross_entropy(z, y, ignore_index=ignore_index, reduction="none")
-        return losses if per_token else losses.sum()
+            z, t = _chunk_logits(hidden[s:e], weight, bias, logit_scale, softcap)
+            if ctx.grads is None:
+                losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=ignore_index, reduction="none")
+                continue
+            logp = torch.log_softmax(z, dim=-1)  # = F.cross_entropy, keeping log p for the gradient
+            del z
+            losses[s:e] = F.nll_loss(logp, labels[s:e], ignore_index=ignore_index, reduction="none")
+            with torch.autocast(hidden.device.type, enabled=False):  # gradients in full precision, as in backward
+                dz = _logits_gradient(logp.exp_(), t, safe_labels[s:e], tok_w[s:e], logit_scale)
+                ctx.grads.add_chunk(s, hidden[s:e], dz)
+            del logp, dz, t
+        if per_token:
+            return losses
+        total = losses.sum()
+        return total / divisor if divisor is not None else total
 
     @staticmethod
     def backward(ctx, grad_out):
+        nones = (None,) * 8
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            return (*grads.release(grad_out), *nones)
+        if not ctx.saved_tensors:  # gradients formed in forward were already given out
+            raise RuntimeError("backward through chunked_lm_head_loss a second time (retain_graph=True) is not "
+                               "supported: its gradients are formed in forward and released by the first backward")
         hidden, weight, bias, labels = ctx.saved_tensors
-        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         valid = labels != ctx.ignore_index
         # per-token weight of d(loss)/d(logit): the upstream gradient, zero on ignored tokens
         tok_w = (grad_out if ctx.per_token else grad_out.expand(labels.shape[0])).float() * valid
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        acc_dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if want_b else None
+        grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
         safe_labels = labels.clamp_min(0)
         for s in range(0, hidden.shape[0], ctx.chunk_tokens):
             e = s + ctx.chunk_tokens
             if not bool(valid[s:e].any()):
                 continue
-            h = hidden[s:e]
             with torch.autocast(**ctx.autocast):  # same logits precision as the forward
-                z, t = _chunk_logits(h, weight, bias, ctx.logit_scale, ctx.softcap)
+                z, t = _chunk_logits(hidden[s:e], weight, bias, ctx.logit_scale, ctx.softcap)
             dz = torch.softmax(z, dim=-1)
             del z
-            rows = torch.arange(dz.shape[0], device=dz.device)
-            dz[rows, safe_labels[s:e]] -= 1.0
-            dz.mul_(tok_w[s:e, None])
-            if t is not None:  # d(cap * tanh(z/cap))/dz = 1 - tanh^2
-                dz.mul_(t.square_().neg_().add_(1.0))
-                del t
-            if ctx.logit_scale is not None:
-                dz.mul_(ctx.logit_scale)
-            dlogits = dz.to(weight.dtype)
-            del dz
-            if want_h:
-                grad_h[s:e] = dlogits @ weight
-            if want_w:
-                grad_w.addmm_(dlogits.t().to(acc_dtype), h.to(acc_dtype))
-            if want_b:
-                grad_b.add_(dlogits.sum(0, dtype=acc_dtype))
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+            grads.add_chunk(s, hidden[s:e], _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e], ctx.logit_scale))
+            del dz, t
+        return (*grads.release(), *nones)
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -152,13 +232,12 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     n = flat_h.shape[0]
     chunk = lm_head_chunk_tokens(max(n, 1), weight.shape[0], weight.shape[1], chunk_tokens=chunk_tokens,
                                  num_chunks=num_chunks, logits_budget_bytes=logits_budget_bytes)
+    divisor = None
+    if reduction == "mean":
+        divisor = num_items_in_batch if num_items_in_batch is not None else (flat_y != ignore_index).sum()
+        divisor = divisor.to(flat_h.device) if torch.is_tensor(divisor) else divisor
+    grads_in_forward = (reduction != "none" and torch.is_grad_enabled()
+                        and any(t is not None and t.requires_grad for t in (flat_h, weight, bias)))
     out = ChunkedLMHeadLossFunction.apply(flat_h, weight, bias, flat_y, chunk, ignore_index, logit_scale,
-                                          final_logit_softcapping, reduction == "none")
-    if reduction == "none":
-        return out.view(labels.shape)
-    if reduction == "sum":
-        return out
-    if num_items_in_batch is not None:
-        denom = num_items_in_batch.to(out.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-        return out / denom
-    return out / (flat_y != ignore_index).sum()
+                                          final_logit_softcapping, reduction == "none", divisor, grads_in_forward)
+    return out.view(labels.shape) if reduction == "none" else out

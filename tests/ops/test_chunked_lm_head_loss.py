@@ -4,6 +4,7 @@ bound) for every reduction, ignore pattern and chunking, and the official code's
 6) must stay fixed."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -249,3 +250,69 @@ def test_misaligned_labels_raise():
     h, w, _, y = make_inputs()
     with pytest.raises(ValueError, match="do not align"):
         chunked_lm_head_loss(h, w, y[:, :-1])
+
+
+@pytest.mark.parametrize("reduction,logits_per_chunk", [("mean", 1), ("sum", 1), ("none", 2)])
+def test_logits_matmul_runs_once_for_summed_losses(monkeypatch, reduction, logits_per_chunk):
+    """Summed / mean losses form their gradients in forward: one logits matmul per chunk, as vanilla's one.
+    Per-token losses (upstream gradient per token) recompute the logits in backward."""
+    op = importlib.import_module("mst.ops.chunked_lm_head_loss")  # the module; mst.ops re-exports the function
+    calls = []
+    original = op._chunk_logits
+    monkeypatch.setattr(op, "_chunk_logits", lambda *a: calls.append(1) or original(*a))
+    h, w, b, y = make_inputs()
+    assert_matches_reference(h, w, b, y, {"num_chunks": 7}, reduction=reduction)
+    assert len(calls) == 7 * logits_per_chunk  # the reference does not call it
+    calls.clear()
+    with torch.no_grad():  # no graph: the loss alone
+        chunked_lm_head_loss(h, w, y, num_chunks=7, reduction=reduction)
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize("upstream", [0.37, 0.25, 3.0])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_upstream_scalar_scales_the_gradients(upstream, softcap):
+    """Gradients formed in forward are multiplied by the upstream scalar in backward (loss / accumulation steps,
+    loss-scaled fp16, a weighted sum of losses): still the reference gradients."""
+    h, w, b, y = make_inputs(bias=True, ignore_prefix=4)
+    got, ref = [], []
+    for fn, out in ((chunked_lm_head_loss, got), (reference_loss, ref)):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        kwargs = {"num_chunks": 5} if fn is chunked_lm_head_loss else {}
+        (fn(leaves[0], leaves[1], y, bias=leaves[2], final_logit_softcapping=softcap, **kwargs) * upstream).backward()
+        out.extend(t.grad for t in leaves)
+    for name, g, r in zip(("hidden", "weight", "bias"), got, ref):
+        assert_exact(g, r, f"grad of {name}")
+
+
+def test_second_backward_raises_clearly():
+    h, w, _, y = make_inputs()
+    loss = chunked_lm_head_loss(h, w, y, num_chunks=3)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_gradients_are_not_saved_tensors():
+    """The forward's gradient buffers are ctx attributes, not saved tensors: saved-tensor hooks (checkpoint
+    offload to the host) never pack them, and the loss saves nothing at all."""
+    h, w, _, y = make_inputs()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        loss = chunked_lm_head_loss(h, w, y, num_chunks=3)
+    assert packed == []
+    loss.backward()
+    assert h.grad is not None and w.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's bf16 GEMM with fp32 output")
+def test_cuda_fp32_output_gemm_accumulates_like_the_upcast():
+    """On CUDA the fp32 dW accumulation uses a bf16 GEMM writing fp32; it must equal the upcast fp32 GEMM."""
+    op = importlib.import_module("mst.ops.chunked_lm_head_loss")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(256, 512, device="cuda", generator=gen).bfloat16()
+    b = torch.randn(512, 128, device="cuda", generator=gen).bfloat16()
+    acc = torch.randn(256, 128, device="cuda", generator=gen)
+    want = acc.double() + a.double() @ b.double()
+    op._addmm_wide(acc, a, b)
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)

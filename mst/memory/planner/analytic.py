@@ -13,9 +13,9 @@ intermediate, C = the chunk of a mini-sequence):
 - MsT's MLP keeps only its input; backward recomputes one chunk of C = 2d tokens (6 chunk intermediates), writes an
   X-sized input gradient and keeps fp32 weight-gradient accumulators (3 f d I) plus the chunk's bf16 gradients.
 - HF's loss upcasts the T x V logits to fp32 and saves log_softmax (f T V); its backward holds two more f T V.
-- MsT's LM head saves nothing but the hidden state and labels; per chunk of C = max(T / ceil(V/d), d/4) tokens it holds two
-  f C V (logits, softmax) and the previous chunk's a C V logits gradient, plus a V x d weight-gradient accumulator
-  (fp32 for low-precision weights).
+- MsT's LM head forms its gradients in forward, per chunk of C = max(T / ceil(V/d), d/4) tokens: two f C V (logits,
+  log-softmax), the a C V logits gradient and its fp32 copy; it keeps dh (X) and a V x d weight-gradient accumulator
+  (fp32 for low-precision weights) until backward casts and hands them over.
 
 With checkpointing a layer keeps only its input (X) and its backward first recomputes the forward (Theorem 2); MsT
 shrinks what that recompute and the LM head hold (Theorem 3). ``compose`` turns these profiles into the step peak.
@@ -118,19 +118,23 @@ def _head(z: _Sizes) -> HeadProfile:
     lm_grad, norm_grad = a * V * d * z.train_w, a * d * z.train_w
     in_backward = wl.optimizer == "adamw_in_backward" and not wl.grad_accumulation
     softcap = f if s.final_softcap else 0  # MsT keeps tanh(z / cap) per chunk; HF keeps it for all T x V
-    if wl.chunked:
+    if wl.chunked:  # gradients formed in forward, chunk by chunk; backward casts dW and hands them over
         chunk = lm_head_chunk(s, t)
-        saved = base + labels
-        fwd_peak = saved + f * t + (2 * f + 2 * softcap + (a if z.low else 0)) * chunk * V
-        acc = (f if z.low else a) * V * d * z.train_w  # the V x d gradient accumulator (the gradient in fp32)
-        loop = saved + t + f * t + INT64 * t + X + acc  # valid mask, token weights, safe labels, dh buffer
-        bwd_peak = loop + max((2 * f + softcap + a) * chunk * V, lm_grad if z.low else 0)
-        bwd_grads = 0 if z.low else acc
+        acc = (f if z.low else a) * V * d * z.train_w  # the V x d weight gradient, in fp32 for bf16/fp16 weights
+        saved = base + labels + acc  # base's X: the norm output is released, dh (the same size) kept instead
+        loop = saved + X + t + 2 * f * t + INT64 * t  # the input hidden, valid mask, token weights, losses, labels
+        # per chunk: fp32 logits and log-softmax (exp'd in place into the logits gradient), the softcap's tanh, the
+        # gradient in the weight dtype and its fp32 copy (with the chunk's input) for the fp32 dW accumulation
+        fwd_peak = loop + (2 * f + softcap + (a if z.low else 0)) * chunk * V + (f * chunk * d if z.low else 0)
+        # (a tied head's gradient waits in autograd's buffer for the embedding's, not in .grad)
+        bwd_peak, bwd_grads = saved + (lm_grad if z.low else 0), 0 if s.tied else lm_grad
+        after_head = saved - acc  # handing over dh and dW: the accumulator is gone
     else:
         logits = a * t * V
         saved = base + labels + f * t * V + (logits if s.final_softcap else 0)
         fwd_peak = base + labels + f * t * V + (f * t * V if z.low else 0) + logits * (2 if s.final_softcap else 1)
         bwd_peak, bwd_grads = saved - labels + 2 * f * t * V, 0
+        after_head = saved + X  # the saved activations and dh
     # the final norm's backward (its fp32 input + temporaries) runs with the V x d gradient already made
     norm_point = z.norm_bwd + (0 if in_backward and not s.tied else lm_grad)
     if norm_point > bwd_peak:
@@ -146,8 +150,8 @@ def _head(z: _Sizes) -> HeadProfile:
         end, end_grads = X + norm_grad + lm_grad, norm_grad + lm_grad
         emb_peak, emb_grads = end - X + emb_in + lm_grad, end_grads + lm_grad
     if in_backward:  # gradients are freed after their update (the embedding's adds its update temporaries)
-        if not s.tied:
-            bwd_peak = max(bwd_peak - bwd_grads, saved + X + lm_grad + step)
+        if not s.tied:  # (MsT's peak is the dW cast, before the update, with the gradient alive)
+            bwd_peak = max(bwd_peak - (0 if wl.chunked else bwd_grads), after_head + lm_grad + step)
             end, emb_peak = X, max(emb_in + lm_grad, lm_grad + step)
         else:
             end, emb_peak = X + lm_grad, max(emb_peak - norm_grad, lm_grad + step)
