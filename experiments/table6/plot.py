@@ -47,9 +47,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {g['model']} | {g['full_seq']} | {g['seq_len']} | {g['batch']} | {variant} | "
                          f"{_paper(results, g, variant)} | {meas} |")
     lb = results["larger_batch"]
-    lines += ["", "Larger batch at equal memory (Llama3-8B, 8K; CPU: Table 2 budget rule at the scaled size):", "",
-              "| strategy | max batch (measured) | planner, same setting | planner, full size 80 GB | tokens/s [IQR] | "
-              "s/step |", "|---|---:|---:|---:|---:|---:|"]
+    if lb:
+        lines += ["", "Larger batch at equal memory (Llama3-8B, 8K; CPU: Table 2 budget rule at the scaled size):", "",
+                  "| strategy | max batch (measured) | planner, same setting | planner, full size 80 GB | tokens/s [IQR] "
+                  "| s/step |", "|---|---:|---:|---:|---:|---:|"]
     for variant, cell in lb.items():
         lo, hi = cell["tokens_per_s_iqr"]
         lines.append(f"| {variant} | {cell['max_batch']} | {cell['planner_same_setting']} | {cell['planner_full']} | "

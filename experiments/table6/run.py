@@ -14,6 +14,8 @@ median and the interquartile range and records the load average. Strategies are 
 (experiments/table2/README.md: the 80 GB GPU emulated at the scaled size, budget_s = static_s + free_full x k x t x
 dtype_factor); the largest batch of each strategy is found with ``mst.memory.length_search`` over the batch size
 (RSS-measured steps, seeded by the planner), then the two are timed round-robin. On CUDA the budget is the GPU.
+On CPU the search runs first with glibc's mmap threshold at 64 KiB (exact RSS peaks), the timing after it at 32 MiB:
+at 64 KiB every tensor is a fresh mapping faulted in on first touch, which more than doubled step times.
 
 CPU mode uses the scaled models of experiments/max_length.py (d = 128, same L, V/d, I/d, GQA) with sequence lengths
 scaled by the Table 2 factor t = k = d_s / d (8K -> 256, 4K -> 128 tokens), fp32. Absolute CPU tokens/s are not
@@ -46,7 +48,7 @@ from plot import figure, markdown  # noqa: E402
 import mst  # noqa: E402
 from mst.configs import load_config, scaled_config  # noqa: E402
 from mst.memory.length_search import run_trial, search_max_seq_len  # noqa: E402
-from mst.memory.measure import free_memory  # noqa: E402
+from mst.memory.measure import free_memory, set_mmap_threshold  # noqa: E402
 from mst.memory.planner import DEFAULT_RESERVE_GB, plan  # noqa: E402
 from mst.memory.strategies import make_train_step, prepare  # noqa: E402
 
@@ -255,7 +257,7 @@ def time_larger_batch(larger: dict, args, bar) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     load_start = os.getloadavg()
-    rounds = (args.warmup + args.steps) * (len(GROUPS) + 1)
+    rounds = (args.warmup + args.steps) * (len(GROUPS) + args.larger_batch)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                "dtype": str(args.dtype).replace("torch.", ""), "optimizer": OPTIMIZER, "warmup": args.warmup,
@@ -265,6 +267,13 @@ def run(args) -> dict:
                             "mst": mst.__version__, "python": platform.python_version()},
                "date": time.strftime("%Y-%m-%d %H:%M"), "groups": [], "mlp_extra_forward": {}}
     with tqdm(total=rounds, desc="table6", unit="round") as bar:
+        # first the batch search, which measures RSS peaks: freed tensors must leave at once (a fresh heap)
+        timed_threshold = 32 << 20  # then timing: freed tensors stay in glibc's heap (no page faults per step)
+        if set_mmap_threshold(65536):
+            results["glibc_mmap_threshold"] = {"batch_search": 65536, "timing": timed_threshold}
+        bar.set_postfix_str("larger batch: searching max batch of ac and mst")
+        larger = {v: max_batch("llama3-8b", 8192, v, args) for v in ("ac", "mst")} if args.larger_batch else {}
+        set_mmap_threshold(timed_threshold)
         for name, full_seq, batch, variants in GROUPS:
             seq = scaled_seq(name, full_seq, args)
             bar.set_postfix_str(f"{name} S={seq} b={batch}")
@@ -282,9 +291,9 @@ def run(args) -> dict:
             results["groups"].append(group)
             del model, step
             free_memory()
-        bar.set_postfix_str("larger batch: searching max batch of ac and mst")
-        larger = {v: max_batch("llama3-8b", 8192, v, args) for v in ("ac", "mst")}
-        time_larger_batch(larger, args, bar)
+        if larger:
+            bar.set_postfix_str("larger batch: timing ac and mst at their max batch")
+            time_larger_batch(larger, args, bar)
         results["larger_batch"] = larger
     results["load_average"] = {"start": load_start, "end": os.getloadavg()}
     results["ratios"] = ratios(results)
@@ -300,8 +309,9 @@ def ratios(results: dict) -> dict:
             if "tokens_per_s" in cells.get(a, {}) and "tokens_per_s" in cells.get(b, {}):
                 out[f"{a}/{b} {g['model']} b={g['batch']}"] = cells[a]["tokens_per_s"] / cells[b]["tokens_per_s"]
     lb = results["larger_batch"]
-    out[f"mst b={lb['mst']['max_batch']} / ac b={lb['ac']['max_batch']} llama3-8b (equal memory)"] = (
-        lb["mst"]["tokens_per_s"] / lb["ac"]["tokens_per_s"])
+    if lb:
+        out[f"mst b={lb['mst']['max_batch']} / ac b={lb['ac']['max_batch']} llama3-8b (equal memory)"] = (
+            lb["mst"]["tokens_per_s"] / lb["ac"]["tokens_per_s"])
     return out
 
 
@@ -310,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     add_scaled_model_args(p, HERE / "results")
     p.add_argument("--steps", type=int, default=6, help="measured rounds (one step of every strategy each)")
     p.add_argument("--warmup", type=int, default=1, help="rounds run before timing")
+    p.add_argument("--no-larger-batch", dest="larger_batch", action="store_false",
+                   help="skip the max-batch search and its timing (equal-batch groups only)")
     args = p.parse_args(argv)
     out = resolve_device(args)
     results = run(args)

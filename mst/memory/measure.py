@@ -113,17 +113,31 @@ def _release_free_heap() -> None:
     step (tensors under the mmap threshold) count again when this step reuses them. What is left is page rounding:
     within 0.4% of MemTracker for optimizer-in-backward steps, ~5% over for gradient-accumulation steps (measured,
     experiments/table4/README.md); use method="tracker" where that matters."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc's mmap threshold, set at run time as ``MALLOC_MMAP_THRESHOLD_`` sets it at start, with the heap trim
+    threshold at twice it (glibc's own rule while it adjusts them dynamically, which any setting stops).
+
+    65536 (what method="rss" wants; set it before the process has allocated much) hands every freed tensor back to
+    the OS at once, so RSS peaks are exact; but then each larger tensor is a fresh mapping whose pages fault in on
+    first touch, which more than doubled a scaled-model CPU training step in experiments/table6. Timed runs use
+    32 MiB (glibc's dynamic maximum). False off glibc."""
+    libc = _glibc()
+    # malloc.h: M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1
+    return bool(libc is not None and libc.mallopt(-3, int(nbytes)) and libc.mallopt(-1, 2 * int(nbytes)))
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None where there is none."""
+def _glibc():
+    """glibc, looked up once (``find_library`` runs ``ldconfig``); None where there is none."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to release, the measurement is as before
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to release, the measurement is as before
         return None
 
 

@@ -47,3 +47,18 @@ def test_memtracker_matches_profiler(strategy):
     reference = profiler_peak(step) + resident_bytes(model, track[1])
     measured = measure_peak(step, track).peak_bytes
     assert abs(measured - reference) <= 0.05 * reference, (measured, reference)
+
+
+def test_mmap_threshold_hands_freed_tensors_back():
+    """``set_mmap_threshold(65536)`` (what method="rss" wants) returns a freed tensor's pages to the OS at once."""
+    from mst.memory.measure import _proc_status, set_mmap_threshold
+    assert set_mmap_threshold(65536)  # glibc (Linux CI)
+    try:
+        before = _proc_status("VmRSS")
+        tensor = torch.ones(4 << 20)  # 16 MiB, every page touched
+        during = _proc_status("VmRSS")
+        del tensor
+        assert during - before >= 15 << 20
+        assert _proc_status("VmRSS") - before < 2 << 20
+    finally:
+        set_mmap_threshold(32 << 20)
