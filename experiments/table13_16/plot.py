@@ -231,8 +231,9 @@ def chunk_markdown(results: dict) -> list[str]:
         for setting in dict.fromkeys(c["setting"] for c in chunk["ops"] if c["op"] == op):
             cells = {c["seq_len"]: c for c in chunk["ops"] if c["op"] == op and c["setting"] == setting}
             paper_mlp = str(chunk.get("mlp_paper_tokens", chunk["mlp_default_tokens"]))
+            default_mlp = f" (default, = {chunk['mlp_default_tokens'] // int(paper_mlp)}d)"
             label = f"C={setting}" + (" (paper, = d)" if setting == paper_mlp and op == "mlp"
-                                      else " (default, = 4d)" if setting == str(chunk["mlp_default_tokens"])
+                                      else default_mlp if setting == str(chunk["mlp_default_tokens"])
                                       and op == "mlp" else " (paper rule)" if setting.startswith("M=") else "")
             lines.append(f"| {OPS[op][0]} | {label} | " + " | ".join(
                 f"{_gb(cells[s]['planner']['peak_bytes'])} / {cells[s]['measured'].get('time_s', float('nan')):.3g} s"
