@@ -222,6 +222,8 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     reduction="mean": sum / ``num_items_in_batch`` if given, else sum / (number of valid labels) -- HF's
     ``ForCausalLMLoss`` semantics, including NaN when every label is ignored and no ``num_items_in_batch`` is given.
     reduction="sum": summed loss; reduction="none": per-token losses shaped like ``labels`` (0 where ignored).
+    With grad enabled a summed / mean loss computes its gradients during this call (one logits pass instead of
+    two), so evaluate under ``torch.no_grad()``, as HF's Trainer and lm-eval do, or that work is wasted.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
