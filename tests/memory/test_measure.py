@@ -60,6 +60,7 @@ def test_mmap_threshold_hands_freed_tensors_back():
 import torch
 from mst.memory.measure import _proc_status, set_mmap_threshold
 assert set_mmap_threshold(65536)  # glibc (Linux CI)
+torch.ones(4 << 20).sum()  # warm-up: the first ops start the thread pool (stacks, per-thread arenas)
 before = _proc_status("VmRSS")
 tensor = torch.ones(4 << 20)  # 16 MiB, every page touched
 during = _proc_status("VmRSS")
