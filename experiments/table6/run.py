@@ -1,6 +1,6 @@
 """Table 6 (MsT paper, Sec. 4.2): training throughput of vanilla, activation checkpointing (AC) and MsT.
 
-    bash experiments/table6/run.sh                      # CPU: scaled models, ratios MsT/AC and MsT/vanilla (~10 min)
+    bash experiments/table6/run.sh                      # CPU: scaled models, ratios MsT/AC and MsT/vanilla (~3 min)
     bash experiments/table6/run.sh --device cuda        # full-size Llama3-8B at 8K and Llama2-7B at 4K, bf16
 
 The paper's "TFLOPS" column is tokens per second (batch x seq / time-per-step matches every row; paper.md §1), so
