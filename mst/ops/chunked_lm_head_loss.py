@@ -132,7 +132,7 @@ class _Gradients:
         out = []
         for g, dtype in ((self.h, None), (self.w, self.weight.dtype), (self.b, self.bias_dtype)):
             if g is not None and grad_out is not None:
-                g.mul_(grad_out.to(g.dtype))
+                g.mul_(grad_out)  # in the buffer's precision, the scalar unrounded (a bf16 0.37 would be off by 1e-3)
             out.append(g.to(dtype) if g is not None and dtype is not None else g)
         self.h = self.w = self.b = None
         return tuple(out)
