@@ -184,12 +184,12 @@ class MaxNumelMode(TorchDispatchMode):
     """Records the largest tensor any ATen op produces (forward and backward), to prove S x V logits never exist.
 
     ``with_dim``: only count tensors that have a dimension of that size (e.g. the vocabulary size, so attention's
-    S x S scores in a whole model do not mask the check).
+    S x S scores in a whole model do not mask the check); ``dtype``: only tensors of that dtype.
     """
 
-    def __init__(self, with_dim: int | None = None):
+    def __init__(self, with_dim: int | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        self.with_dim = with_dim
+        self.with_dim, self.dtype = with_dim, dtype
         self.max_numel = 0
         self.max_op = None
 
@@ -197,7 +197,8 @@ class MaxNumelMode(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if (isinstance(t, torch.Tensor) and t.numel() > self.max_numel
-                    and (self.with_dim is None or self.with_dim in t.shape)):
+                    and (self.with_dim is None or self.with_dim in t.shape)
+                    and (self.dtype is None or t.dtype == self.dtype)):
                 self.max_numel, self.max_op = t.numel(), f"{func} -> {tuple(t.shape)}"
         return out
 

@@ -8,6 +8,10 @@ runs once, as in vanilla (Liger and Apple's CCE do the same); backward only mult
 Per-token losses (reduction="none", upstream gradient per token) save h, W and the labels and recompute each
 chunk's logits in backward instead.
 
+``weight_grad_block_rows`` trades one extra logits matmul for the V x d fp32 accumulator (2.1 GB for Llama3-8B):
+the forward still forms dh (and db) and keeps each token's log-sum-exp; backward recomputes the logits one block of
+vocabulary rows at a time and accumulates only that block's dW in fp32 over the token chunks.
+
 Fixes against the official code (paper.md §5.2): dW is *returned* to autograd only (no manual ``.grad`` writes, so
 no 2x and no blow-up under gradient accumulation; tied embeddings just add up); chunks are a fixed size with a
 remainder chunk (no dropped tail tokens, no loss 0 when S < M); the loss is normalised by the global count of valid
@@ -15,8 +19,10 @@ tokens (or HF's ``num_items_in_batch``); softcapping is applied.
 
 Legend: N = tokens (batch x seq flattened), d = hidden, V = vocab, C = chunk tokens.
 Memory: O(C x V) fp32 transient instead of O(N x V); plus a V x d fp32 gradient accumulator for bf16/fp16 weights,
-held from the forward to the backward of the loss (nothing else runs in between in a training step).
-Cost: vanilla's three LM-head matmuls (logits, dh, dW); reduction="none" adds a logits recompute.
+held from the forward to the backward of the loss (nothing else runs in between in a training step), or with
+``weight_grad_block_rows`` = B a B x d one (and the hidden states kept for backward).
+Cost: vanilla's three LM-head matmuls (logits, dh, dW); reduction="none" and ``weight_grad_block_rows`` add a logits
+recompute.
 """
 from __future__ import annotations
 
@@ -73,11 +79,12 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, tok_w: torch.Tensor,
-                     logit_scale: float | None) -> torch.Tensor:
+                     logit_scale: float | None, hits: torch.Tensor | float = 1.0) -> torch.Tensor:
     """d(loss)/d(raw logits) of one chunk, in place on its softmax ``dz``: (softmax - onehot) x per-token weight,
-    times the softcap and scale derivatives. ``labels`` are clamped (ignored tokens have weight 0)."""
+    times the softcap and scale derivatives. ``labels`` are clamped (ignored tokens have weight 0); ``hits`` is 1
+    where a token's label column lies in ``dz`` (a vocabulary block may not hold it)."""
     rows = torch.arange(dz.shape[0], device=dz.device)
-    dz[rows, labels] -= 1.0
+    dz[rows, labels] -= hits
     dz.mul_(tok_w[:, None])
     if t is not None:  # d(cap * tanh(z/cap))/dz = 1 - tanh^2
         dz.mul_(t.square_().neg_().add_(1.0))
@@ -138,6 +145,38 @@ class _Gradients:
         return tuple(out)
 
 
+def _weight_grad_by_vocab_blocks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 labels: torch.Tensor, lse: torch.Tensor, tok_w: torch.Tensor, chunk_tokens: int,
+                                 block_rows: int, logit_scale: float | None, softcap: float | None,
+                                 grad_out: torch.Tensor, autocast: dict) -> torch.Tensor:
+    """dW of the summed loss, one block of vocabulary rows at a time: the block's logits are recomputed per token
+    chunk and turned into probabilities with the forward's log-sum-exp, so only a block x d fp32 accumulator exists.
+    A backward chunk has V / (2 block_rows) times the forward's tokens: half its logits (the fp32 copies of the
+    block's gradient and of the hidden chunk take the rest), in larger GEMMs than the forward's chunk would give.
+    ``labels`` clamped; ignored tokens have weight 0 (and lse = inf where the forward skipped them)."""
+    chunk_tokens *= max(1, weight.shape[0] // (2 * block_rows))
+    chunks = [s for s in range(0, hidden.shape[0], chunk_tokens) if not bool(lse[s:s + chunk_tokens].isinf().all())]
+    grad_w = torch.empty_like(weight)
+    acc_dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+    for v0 in range(0, weight.shape[0], block_rows):
+        v1 = min(v0 + block_rows, weight.shape[0])
+        acc = torch.zeros((v1 - v0, weight.shape[1]), dtype=acc_dtype, device=weight.device)
+        block_bias = bias[v0:v1] if bias is not None else None
+        for s in chunks:
+            e = s + chunk_tokens
+            with torch.autocast(**autocast):  # same logits precision as the forward
+                z, t = _chunk_logits(hidden[s:e], weight[v0:v1], block_bias, logit_scale, softcap)
+            dz = z.sub_(lse[s:e, None]).exp_()  # softmax over the whole vocabulary, this block's columns
+            hits = (labels[s:e] >= v0) & (labels[s:e] < v1)
+            cols = (labels[s:e] - v0).clamp_(0, v1 - v0 - 1)
+            with torch.autocast(hidden.device.type, enabled=False):
+                dz = _logits_gradient(dz, t, cols, tok_w[s:e], logit_scale, hits.to(dz.dtype))
+                _addmm_wide(acc, dz.to(weight.dtype).t(), hidden[s:e])
+            del z, t, dz
+        grad_w[v0:v1] = acc.mul_(grad_out)
+    return grad_w
+
+
 class ChunkedLMHeadLossFunction(torch.autograd.Function):
     """Per-token (reduction="none") or summed cross-entropy of ``h W^T`` without materialising N x V logits.
 
@@ -145,22 +184,30 @@ class ChunkedLMHeadLossFunction(torch.autograd.Function):
     right after its loss, while its logits exist -- the logits matmul runs once, as in vanilla, and backward only
     scales them by the upstream scalar. The loss is divided by ``divisor`` inside, so the common mean loss gets
     upstream gradient 1. Per-token losses (whose upstream gradient weights each token) recompute in backward.
+    ``weight_grad_block_rows`` (with ``grads_in_forward``): dW is made in backward by vocabulary blocks instead.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, logit_scale, softcap, per_token,
-                divisor, grads_in_forward):
+                divisor, grads_in_forward, weight_grad_block_rows):
         ctx.chunk_tokens, ctx.ignore_index = chunk_tokens, ignore_index
         ctx.logit_scale, ctx.softcap, ctx.per_token = logit_scale, softcap, per_token
         ctx.autocast = autocast_state(hidden.device.type)
+        ctx.grads_in_forward = grads_in_forward
         valid = labels != ignore_index
+        blocked = grads_in_forward and weight_grad_block_rows is not None and ctx.needs_input_grad[1]
+        ctx.block_rows = weight_grad_block_rows if blocked else None
         # kept as an attribute, not a saved tensor: saved-tensor hooks (checkpoint offload) must not move them
-        ctx.grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3]) if grads_in_forward else None
-        if ctx.grads is None:
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not blocked, ctx.needs_input_grad[2])
+        ctx.grads = _Gradients(hidden, weight, bias, wanted) if grads_in_forward else None
+        if ctx.grads is None or blocked:
             ctx.save_for_backward(hidden, weight, bias, labels)
-        else:
+        if ctx.grads is not None:
             tok_w = valid * (1.0 / divisor if divisor is not None else 1.0)
             safe_labels = labels.clamp_min(0)
+        if blocked:  # a chunk skipped below gets lse = inf: probabilities 0 (its token weights are 0 too)
+            ctx.tok_w = tok_w
+            ctx.lse = torch.full((hidden.shape[0],), math.inf, dtype=torch.float32, device=hidden.device)
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_tokens):
             e = s + chunk_tokens
@@ -170,6 +217,8 @@ class ChunkedLMHeadLossFunction(torch.autograd.Function):
             if ctx.grads is None:
                 losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=ignore_index, reduction="none")
                 continue
+            if blocked:
+                ctx.lse[s:e] = torch.logsumexp(z, dim=-1)
             logp = torch.log_softmax(z, dim=-1)  # = F.cross_entropy, keeping log p for the gradient
             del z
             losses[s:e] = F.nll_loss(logp, labels[s:e], ignore_index=ignore_index, reduction="none")
@@ -184,13 +233,21 @@ class ChunkedLMHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        nones = (None,) * 8
-        if ctx.grads is not None:
+        nones = (None,) * 9
+        if ctx.grads_in_forward:
+            if ctx.grads is None:  # gradients formed in forward were already given out
+                raise RuntimeError("backward through chunked_lm_head_loss a second time (retain_graph=True) is not "
+                                   "supported: its gradients are formed in forward and released by the first "
+                                   "backward")
             grads, ctx.grads = ctx.grads, None
-            return (*grads.release(grad_out), *nones)
-        if not ctx.saved_tensors:  # gradients formed in forward were already given out
-            raise RuntimeError("backward through chunked_lm_head_loss a second time (retain_graph=True) is not "
-                               "supported: its gradients are formed in forward and released by the first backward")
+            grad_h, grad_w, grad_b = grads.release(grad_out)
+            if ctx.block_rows is not None:
+                hidden, weight, bias, labels = ctx.saved_tensors
+                grad_w = _weight_grad_by_vocab_blocks(
+                    hidden, weight, bias, labels.clamp_min(0), ctx.lse, ctx.tok_w, ctx.chunk_tokens, ctx.block_rows,
+                    ctx.logit_scale, ctx.softcap, grad_out, ctx.autocast)
+                del ctx.lse, ctx.tok_w
+            return (grad_h, grad_w, grad_b, *nones)
         hidden, weight, bias, labels = ctx.saved_tensors
         valid = labels != ctx.ignore_index
         # per-token weight of d(loss)/d(logit): the upstream gradient, zero on ignored tokens
@@ -215,7 +272,8 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          num_chunks: int | None = None, logits_budget_bytes: int | None = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          num_items_in_batch: int | torch.Tensor | None = None, logit_scale: float | None = None,
-                         final_logit_softcapping: float | None = None) -> torch.Tensor:
+                         final_logit_softcapping: float | None = None,
+                         weight_grad_block_rows: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (already aligned, i.e. shifted), chunked.
 
     hidden: (..., d); labels: (...) with ``ignore_index`` for positions that do not count.
@@ -224,9 +282,17 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     reduction="sum": summed loss; reduction="none": per-token losses shaped like ``labels`` (0 where ignored).
     With grad enabled a summed / mean loss computes its gradients during this call (one logits pass instead of
     two), so evaluate under ``torch.no_grad()``, as HF's Trainer and lm-eval do, or that work is wasted.
+    weight_grad_block_rows: make the weight gradient in backward, this many vocabulary rows at a time, instead of
+    accumulating it in a V x d fp32 buffer during the forward (saves V x d x 4 bytes; costs one more logits matmul).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if weight_grad_block_rows is not None and (not isinstance(weight_grad_block_rows, int)
+                                               or weight_grad_block_rows <= 0):
+        raise ValueError(f"weight_grad_block_rows must be a positive integer, got {weight_grad_block_rows!r}")
+    if weight_grad_block_rows is not None and reduction == "none":
+        raise ValueError("weight_grad_block_rows applies to summed / mean losses; reduction='none' recomputes "
+                         "the logits in backward with a V x d accumulator")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
     flat_h = hidden.reshape(-1, hidden.shape[-1])
@@ -241,5 +307,6 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     grads_in_forward = (reduction != "none" and torch.is_grad_enabled()
                         and any(t is not None and t.requires_grad for t in (flat_h, weight, bias)))
     out = ChunkedLMHeadLossFunction.apply(flat_h, weight, bias, flat_y, chunk, ignore_index, logit_scale,
-                                          final_logit_softcapping, reduction == "none", divisor, grads_in_forward)
+                                          final_logit_softcapping, reduction == "none", divisor, grads_in_forward,
+                                          weight_grad_block_rows)
     return out.view(labels.shape) if reduction == "none" else out

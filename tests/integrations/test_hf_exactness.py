@@ -94,6 +94,7 @@ def test_shift_labels_kwarg():
     {"mlp_chunk_tokens": None, "mlp_chunks": 3, "lm_head_chunks": 1},
     {"lm_head_chunk_tokens": 7},
     {"lm_head_logits_budget_bytes": 5 * 101 * 4},
+    {"lm_head_chunk_tokens": 13, "lm_head_weight_grad_block_rows": 30},
     {"offload_checkpoints": True},
     {"checkpointing": False},
     {"mlp": False, "lm_head": False},  # the "ac" strategy: checkpointing only

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mst.ops import chunked_lm_head_loss, lm_head_chunk_tokens
-from tests.utils import assert_exact
+from tests.utils import MaxNumelMode, assert_exact
 
 B, S, D, V = 2, 37, 16, 97  # B*S = 74 tokens; default M = ceil(97 / 16) = 7 chunks of 11 (remainder 8)
 
@@ -303,6 +303,76 @@ def test_gradients_are_not_saved_tensors():
     assert packed == []
     loss.backward()
     assert h.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("block_rows", [1, 10, V, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("extras", [{}, {"final_logit_softcapping": 2.0, "logit_scale": 0.7}],
+                         ids=["plain", "softcap_scale"])
+def test_weight_grad_by_vocab_blocks_matches_reference(block_rows, reduction, extras):
+    """dW made in backward, block by block of vocabulary rows (1 row, a remainder block, all V, more than V),
+    from the forward's log-sum-exp: still the reference gradients, with bias, ignored tokens and a remainder chunk."""
+    h, w, b, y = make_inputs(bias=True, ignore_prefix=9)
+    assert_matches_reference(h, w, b, y, {"chunk_tokens": 16, "weight_grad_block_rows": block_rows},
+                             reduction=reduction, **extras)
+
+
+def test_weight_grad_by_vocab_blocks_all_ignored_is_zero_like_hf():
+    h, w, b, y = make_inputs()
+    y[:] = -100
+    for reduction in ("sum", "mean"):  # mean: NaN loss (0 / 0), zero gradients, as HF
+        assert_matches_reference(h, w, b, y, {"num_chunks": 3, "weight_grad_block_rows": 30}, reduction=reduction)
+
+
+@pytest.mark.parametrize("upstream", [0.37, 3.0])
+def test_weight_grad_by_vocab_blocks_scales_with_upstream(upstream):
+    h, w, b, y = make_inputs(bias=True, ignore_prefix=4)
+    got, ref = [], []
+    for kwargs, out in (({"num_chunks": 5, "weight_grad_block_rows": 20}, got), ({"num_chunks": 1}, ref)):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        (chunked_lm_head_loss(leaves[0], leaves[1], y, bias=leaves[2], **kwargs) * upstream).backward()
+        out.extend(t.grad for t in leaves)
+    for name, g, r in zip(("hidden", "weight", "bias"), got, ref):
+        assert_exact(g, r, f"grad of {name}")
+
+
+def test_weight_grad_by_vocab_blocks_recomputes_the_logits_once(monkeypatch):
+    """Forward: 7 chunks of 11 tokens (the last 8) x all V rows. Backward: each block of 20 vocabulary rows over
+    chunks of V // (2 x 20) = 2 times as many tokens: every logit is recomputed exactly once."""
+    op = importlib.import_module("mst.ops.chunked_lm_head_loss")
+    calls = []
+    original = op._chunk_logits
+    monkeypatch.setattr(op, "_chunk_logits",
+                        lambda h, w, *a: calls.append((h.shape[0], w.shape[0])) or original(h, w, *a))
+    h, w, b, y = make_inputs()
+    assert_matches_reference(h, w, b, y, {"num_chunks": 7, "weight_grad_block_rows": 20})
+    forward = [(11, V)] * 6 + [(8, V)]
+    backward = [(n, rows) for rows in (20, 20, 20, 20, 17) for n in (22, 22, 22, 8)]
+    assert calls == forward + backward
+
+
+def test_weight_grad_by_vocab_blocks_has_no_v_by_d_fp32_buffer():
+    """bf16 weight: the default keeps a V x d fp32 dW accumulator from forward to backward; by blocks the largest
+    fp32 buffer is a chunk's logits, a block's accumulator or a backward chunk's hidden states."""
+    n, v, d, chunk, block = 64, 512, 96, 8, 32
+    h = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, d) * 0.3).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n,))
+    largest = {}
+    for block_rows in (None, block):
+        with MaxNumelMode(dtype=torch.float32) as probe:
+            chunked_lm_head_loss(h, w, y, chunk_tokens=chunk, weight_grad_block_rows=block_rows).backward()
+        largest[block_rows] = probe.max_numel
+    assert largest[None] == v * d
+    assert largest[block] <= max(chunk * v, block * d, n * d) < v * d // 4
+
+
+@pytest.mark.parametrize("kwargs,match", [({"weight_grad_block_rows": 0}, "positive"),
+                                          ({"weight_grad_block_rows": 4, "reduction": "none"}, "summed")])
+def test_weight_grad_by_vocab_blocks_bad_arguments(kwargs, match):
+    h, w, _, y = make_inputs()
+    with pytest.raises(ValueError, match=match):
+        chunked_lm_head_loss(h, w, y, **kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's bf16 GEMM with fp32 output")
