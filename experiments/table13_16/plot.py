@@ -207,13 +207,29 @@ def markdown(results: dict) -> str:
         lines.append("")
     target = results["lm_head_target"]
     lines += [f"**LM-head target (issue 6): peak at S={target['seq_len']} <= {target['target_gb']} GB** (planner, "
-              f"full size, bf16): best {target['best_setting']}, met: {target['met']}", "",
-              "| setting | total peak | weights + input + labels | returned gradients at peak | "
-              "fp32 dW accumulator | logits transients |", "|---|---:|---:|---:|---:|---:|"]
+              f"full size, bf16). Total peak: best {target['best_setting']}, met: {target['met']} (any "
+              f"implementation holds W, h and returns dW, dh: {_gb(target['floor_bytes'])} GB). Working memory "
+              f"(peak minus those): best {target['best_working_setting']}, met: {target['working_met']}", "",
+              "| setting | total peak | weights + input + labels | returned gradients at peak | working memory | "
+              "of it fp32 dW accumulator | of it logits transients (+ block accumulator) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in target["rows"]:
         lines.append(f"| {r['setting']} | {_gb(r['peak_bytes'])} | {_gb(r['static_bytes'])} | "
-                     f"{_gb(r['grads_at_peak_bytes'])} | {_gb(r['fp32_accumulator_bytes'])} | "
-                     f"{_gb(r['logits_transient_bytes'])} |")
+                     f"{_gb(r['grads_at_peak_bytes'])} | {_gb(r['intermediate_bytes'])} | "
+                     f"{_gb(r['fp32_accumulator_bytes'])} | {_gb(r['logits_transient_bytes'])} |")
+    measured = {r["setting"]: r["measured"] for r in target["rows"] if "measured" in r}
+    if measured and "C=1024" in measured and "time_s" in measured["C=1024"]:
+        k2, base = target["scale"] ** 2, measured["C=1024"]["time_s"]
+        lines += ["", f"Measured at the scaled size (k={target['scale']}: S/k tokens, chunk and block / k; memory "
+                      f"{meta['mem_dtype']} x k^2, time {meta['time_dtype']} against C=1024 without blocks)", "",
+                  "| setting | measured peak x k^2 | planner (full size) | time | time ratio |", "|---|---:|---:|---:|---:|"]
+        planner = {r["setting"]: r["peak_bytes"] for r in target["rows"]}
+        for name, m in measured.items():
+            if m.get("oom"):
+                lines.append(f"| {name} | OOM | {_gb(planner[name])} | | |")
+                continue
+            lines.append(f"| {name} | {_gb(m['peak_bytes'] * k2)} | {_gb(planner[name])} | {m['time_s']:.3f} s | "
+                         f"{m['time_s'] / base:.2f}x |")
     lines.append("")
     lines += chunk_markdown(results)
     return "\n".join(lines) + "\n"

@@ -33,3 +33,10 @@ def test_table13_16_driver_tiny(tmp_path: Path) -> None:
     assert at[("lm_head", "4")] < at[("lm_head", "standard")]
     assert at[("mlp", "recompute 4")] < at[("mlp", "naive 4")] < at[("mlp", "standard")]
     assert {c["setting"] for c in results["chunk_default"]["ops"]} == {"4096", "16384", "M=32"}
+    target = {r["setting"]: r for r in results["lm_head_target"]["rows"]}
+    blocked = target["C=1024, dW by 8192-row blocks"]
+    assert blocked["fp32_accumulator_bytes"] == 0
+    assert blocked["intermediate_bytes"] < target["C=1024"]["intermediate_bytes"] - target["C=1024"]["fp32_accumulator_bytes"] / 2
+    for name in ("C=1024", "C=1024, dW by 8192-row blocks", "C=512, dW by 8192-row blocks"):
+        m = target[name]["measured"]
+        assert m["planner_scaled"]["peak_bytes"] == pytest.approx(m["peak_bytes"], rel=0.01), name
