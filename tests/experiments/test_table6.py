@@ -45,3 +45,18 @@ def test_markdown_and_ratios_without_the_larger_batch(monkeypatch):
     results["ratios"] = ratios(results)
     assert results["ratios"] == {"mst/ac llama3-8b b=2": 0.95}
     assert "Larger batch" not in markdown(results)
+
+
+def test_op_width_writes_ratios(tmp_path):
+    """experiments/table6/op_width.py at two toy widths: both ops timed for AC and MsT, JSON / markdown / PNG."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "experiments/table6/op_width.py"), "--widths", "32", "64",
+                    "--reps", "2", "--out", str(tmp_path)], check=True, cwd=ROOT, env=env, capture_output=True)
+    results = json.loads((tmp_path / "op_width_cpu.json").read_text())
+    assert [r["d"] for r in results["rows"]] == [32, 64]
+    for row in results["rows"]:
+        assert row["tokens"] == 4 * row["d"] and row["mlp_chunks"] == 2 and row["lm_head_chunks"] == 16
+        for op in ("mlp", "lm_head"):
+            assert row[op]["ac"] > 0 and row[op]["mst"] > 0 and len(row[op]["times_s"]["mst"]) == 2
+    assert "| 64 | 256 | 2 |" in (tmp_path / "op_width_cpu.md").read_text()
+    assert (tmp_path / "op_width_cpu.png").stat().st_size > 0
