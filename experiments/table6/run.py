@@ -257,7 +257,8 @@ def time_larger_batch(larger: dict, args, bar) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     load_start = os.getloadavg()
-    rounds = (args.warmup + args.steps) * (len(GROUPS) + args.larger_batch)
+    groups = [g for g in GROUPS if args.groups is None or group_key(g) in args.groups]
+    rounds = (args.warmup + args.steps) * (len(groups) + args.larger_batch)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                "dtype": str(args.dtype).replace("torch.", ""), "optimizer": OPTIMIZER, "warmup": args.warmup,
@@ -274,7 +275,7 @@ def run(args) -> dict:
         bar.set_postfix_str("larger batch: searching max batch of ac and mst")
         larger = {v: max_batch("llama3-8b", 8192, v, args) for v in ("ac", "mst")} if args.larger_batch else {}
         set_mmap_threshold(timed_threshold)
-        for name, full_seq, batch, variants in GROUPS:
+        for name, full_seq, batch, variants in groups:
             seq = scaled_seq(name, full_seq, args)
             bar.set_postfix_str(f"{name} S={seq} b={batch}")
             model = build_model(model_config(name, args), device, args.dtype, None)
@@ -300,6 +301,11 @@ def run(args) -> dict:
     return results
 
 
+def group_key(group: tuple) -> str:
+    """"model/full_seq/batch", the name ``--groups`` selects a group by."""
+    return "/".join(str(part) for part in group[:3])
+
+
 def ratios(results: dict) -> dict:
     """Tokens/s ratios at equal batch per group, and MsT at its max batch over AC at its max batch."""
     out = {}
@@ -322,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="rounds run before timing")
     p.add_argument("--no-larger-batch", dest="larger_batch", action="store_false",
                    help="skip the max-batch search and its timing (equal-batch groups only)")
+    p.add_argument("--groups", nargs="+", choices=[group_key(g) for g in GROUPS], default=None,
+                   help="time only these groups (default: all)")
     args = p.parse_args(argv)
     out = resolve_device(args)
     results = run(args)

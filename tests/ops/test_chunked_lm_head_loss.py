@@ -203,7 +203,9 @@ def test_gradient_accumulation_over_three_backwards():
             assert_exact(leaves[name].grad, k * single[name], f"step {k} grad of {name} vs {k}x")
 
 
-def test_tied_weight_gradients_add_up():
+@pytest.mark.parametrize("options", [{"num_chunks": 7}, {"num_chunks": 7, "weight_grad_block_rows": 30}],
+                         ids=["default", "blocked_dW"])
+def test_tied_weight_gradients_add_up(options):
     """With tied embeddings the same W feeds the embedding lookup and the LM head: autograd must sum both."""
     ids = torch.randint(0, V, (B, S))
     y = torch.roll(ids, -1, dims=1)
@@ -212,7 +214,7 @@ def test_tied_weight_gradients_add_up():
     for fn in (chunked_lm_head_loss, reference_loss):
         w = (torch.randn(V, D, generator=torch.Generator().manual_seed(5)) * 0.3).requires_grad_()
         h = torch.tanh(F.embedding(ids, w) * 2.0)
-        fn(h, w, y, **({"num_chunks": 7} if fn is chunked_lm_head_loss else {})).backward()
+        fn(h, w, y, **(options if fn is chunked_lm_head_loss else {})).backward()
         grads.append(w.grad)
     assert_exact(grads[0], grads[1], "tied weight grad")
 
