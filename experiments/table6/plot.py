@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
 from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
 
-COLORS = {"vanilla": "tab:gray", "ac": "tab:orange", "mst": "tab:blue", "mst_no_ac": "tab:cyan"}
+COLORS = {"vanilla": "tab:gray", "ac": "tab:orange", "mst": "tab:blue", "mst_no_ac": "tab:cyan",
+          "mst_mlp_unsplit": "tab:green", "mst_lm_head_unchunked": "tab:purple"}
 
 
 

@@ -56,7 +56,9 @@ GiB = 1024 ** 3
 OPTIMIZER = "adamw_in_backward"  # the paper keeps optimizer-in-backward from Table 9 on
 GPU_MEM_GB = 80.0
 VARIANTS = {"vanilla": ("vanilla", {}), "ac": ("ac", {}), "mst": ("mst", {}),
-            "mst_no_ac": ("mst", {"checkpointing": False})}
+            "mst_no_ac": ("mst", {"checkpointing": False}),
+            # attribution (--variants): MsT with one of its two ops left unchunked
+            "mst_mlp_unsplit": ("mst", {"mlp_chunks": 1}), "mst_lm_head_unchunked": ("mst", {"lm_head_chunks": 1})}
 # (model, full-size sequence length, batch, variants): the paper's rows, plus the equal-batch comparisons
 GROUPS = (
     ("llama3-8b", 8192, 1, ("vanilla", "ac", "mst")),
@@ -276,6 +278,7 @@ def run(args) -> dict:
         larger = {v: max_batch("llama3-8b", 8192, v, args) for v in ("ac", "mst")} if args.larger_batch else {}
         set_mmap_threshold(timed_threshold)
         for name, full_seq, batch, variants in groups:
+            variants = args.variants or variants
             seq = scaled_seq(name, full_seq, args)
             bar.set_postfix_str(f"{name} S={seq} b={batch}")
             model = build_model(model_config(name, args), device, args.dtype, None)
@@ -311,7 +314,8 @@ def ratios(results: dict) -> dict:
     out = {}
     for g in results["groups"]:
         cells = g["cells"]
-        for a, b in (("mst", "ac"), ("mst", "vanilla"), ("mst_no_ac", "vanilla"), ("mst_no_ac", "ac")):
+        for a, b in (("mst", "ac"), ("mst", "vanilla"), ("mst_no_ac", "vanilla"), ("mst_no_ac", "ac"),
+                     ("mst_mlp_unsplit", "ac"), ("mst_lm_head_unchunked", "ac")):
             if "tokens_per_s" in cells.get(a, {}) and "tokens_per_s" in cells.get(b, {}):
                 out[f"{a}/{b} {g['model']} b={g['batch']}"] = cells[a]["tokens_per_s"] / cells[b]["tokens_per_s"]
     lb = results["larger_batch"]
@@ -330,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the max-batch search and its timing (equal-batch groups only)")
     p.add_argument("--groups", nargs="+", choices=[group_key(g) for g in GROUPS], default=None,
                    help="time only these groups (default: all)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="time these strategies in every selected group instead of the group's own")
     args = p.parse_args(argv)
     out = resolve_device(args)
     results = run(args)
