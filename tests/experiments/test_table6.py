@@ -27,6 +27,20 @@ def test_table6_driver_writes_results(tmp_path):
     assert (tmp_path / "table6_cpu.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_table6_groups_and_attribution_variants(tmp_path):
+    """--groups picks one group, --variants replaces its strategies (MsT with one op left unchunked)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "experiments/table6/run.py"), "--hidden", "32", "--layers", "2",
+                    "--steps", "1", "--no-larger-batch", "--groups", "llama3-8b/8192/2", "--variants", "ac",
+                    "mst_mlp_unsplit", "mst_lm_head_unchunked", "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    results = json.loads((tmp_path / "table6_cpu.json").read_text())
+    assert [(g["model"], g["batch"]) for g in results["groups"]] == [("llama3-8b", 2)]
+    assert list(results["groups"][0]["cells"]) == ["ac", "mst_mlp_unsplit", "mst_lm_head_unchunked"]
+    assert {"mst_mlp_unsplit/ac llama3-8b b=2", "mst_lm_head_unchunked/ac llama3-8b b=2"} <= set(results["ratios"])
+
+
 def test_markdown_and_ratios_without_the_larger_batch(monkeypatch):
     """--no-larger-batch (the scale check at d=512) leaves the equal-batch table and ratios only."""
     monkeypatch.setattr(sys, "path", [str(ROOT / "experiments" / "table6"), *sys.path])
