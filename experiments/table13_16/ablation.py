@@ -321,9 +321,10 @@ def lm_head_target(table: dict, full, scaled, args, bar: tqdm) -> dict:
                               "planner_scaled": traced_peak("lm_head", scaled, seq, small)}
         bar.update()
     accumulator = full.vocab_size * full.hidden_size * 4
+    blocked = {name for name, setting in extra.items() if "weight_grad_block_rows" in setting}
     rows = []
     for name, cell in cells.items():
-        acc = 0 if "blocks" in name else accumulator
+        acc = 0 if name in blocked else accumulator
         rows.append({"setting": name, **cell, "fp32_accumulator_bytes": acc,
                      "logits_transient_bytes": cell["intermediate_bytes"] - acc,
                      **({"measured": measured[name]} if name in measured else {})})

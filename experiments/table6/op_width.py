@@ -115,9 +115,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_round_ratios(cell: dict) -> list[float]:
+    """MsT / AC time of each round (each round times both)."""
+    return [m / a for m, a in zip(cell["times_s"]["mst"], cell["times_s"]["ac"])]
+
+
 def _ratio(cell: dict) -> str:
-    """Median MsT / AC of the rounds (each round times both), with the lowest and highest round."""
-    per_round = sorted(m / a for m, a in zip(cell["times_s"]["mst"], cell["times_s"]["ac"]))
+    """Median MsT / AC of the rounds, with the lowest and highest round."""
+    per_round = sorted(_per_round_ratios(cell))
     return f"{statistics.median(per_round):.3f} ({per_round[0]:.2f}-{per_round[-1]:.2f})"
 
 
@@ -129,7 +134,7 @@ def figure(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     widths = [r["d"] for r in results["rows"]]
     for op, label in (("mlp", "MLP (2 chunks)"), ("lm_head", "LM head + loss (default chunks)")):
-        rounds = [[m / a for m, a in zip(r[op]["times_s"]["mst"], r[op]["times_s"]["ac"])] for r in results["rows"]]
+        rounds = [_per_round_ratios(r[op]) for r in results["rows"]]
         line, = ax.plot(widths, [statistics.median(x) for x in rounds], "o-", label=label)
         ax.fill_between(widths, [min(x) for x in rounds], [max(x) for x in rounds], color=line.get_color(), alpha=0.2)
     ax.axhline(1.0, color="gray", lw=0.8)
