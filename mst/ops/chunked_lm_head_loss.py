@@ -69,7 +69,13 @@ def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, ch
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float | None,
                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 logits of one chunk, and tanh(z/cap) when softcapping (needed for its derivative)."""
-    z = F.linear(h, weight, bias).float()
+    return _finish_logits(F.linear(h, weight, bias).float(), logit_scale, softcap)
+
+
+def _finish_logits(z: torch.Tensor, logit_scale: float | None,
+                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and softcap the upcast logits ``z`` in place (``z`` must be a tensor of the caller's own); also
+    tanh(z/cap) when softcapping (needed for its derivative)."""
     if logit_scale is not None:
         z.mul_(logit_scale)
     if softcap is None:
@@ -267,6 +273,29 @@ class ChunkedLMHeadLossFunction(torch.autograd.Function):
         return (*grads.release(), *nones)
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _flatten_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) hidden states and (N,) labels on their device, after checking that they align."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    return flat_h, labels.reshape(-1).to(flat_h.device)
+
+
+def _loss_divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
+                 num_items_in_batch: int | torch.Tensor | None) -> int | torch.Tensor | None:
+    """What the summed loss is divided by: for "mean", HF's ``num_items_in_batch`` if given, else the global count
+    of valid labels (0 when all are ignored: a NaN loss, as HF's); None for "sum" / "none"."""
+    if reduction != "mean":
+        return None
+    divisor = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
+    return divisor.to(labels.device) if torch.is_tensor(divisor) else divisor
+
+
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, chunk_tokens: int | None = None,
                          num_chunks: int | None = None, logits_budget_bytes: int | None = None,
@@ -285,25 +314,18 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     weight_grad_block_rows: make the weight gradient in backward, this many vocabulary rows at a time, instead of
     accumulating it in a V x d fp32 buffer during the forward (saves V x d x 4 bytes; costs one more logits matmul).
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_reduction(reduction)
     if weight_grad_block_rows is not None and (not isinstance(weight_grad_block_rows, int)
                                                or weight_grad_block_rows <= 0):
         raise ValueError(f"weight_grad_block_rows must be a positive integer, got {weight_grad_block_rows!r}")
     if weight_grad_block_rows is not None and reduction == "none":
         raise ValueError("weight_grad_block_rows applies to summed / mean losses; reduction='none' recomputes "
                          "the logits in backward with a V x d accumulator")
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_y = labels.reshape(-1).to(flat_h.device)
-    n = flat_h.shape[0]
-    chunk = lm_head_chunk_tokens(max(n, 1), weight.shape[0], weight.shape[1], chunk_tokens=chunk_tokens,
-                                 num_chunks=num_chunks, logits_budget_bytes=logits_budget_bytes)
-    divisor = None
-    if reduction == "mean":
-        divisor = num_items_in_batch if num_items_in_batch is not None else (flat_y != ignore_index).sum()
-        divisor = divisor.to(flat_h.device) if torch.is_tensor(divisor) else divisor
+    flat_h, flat_y = _flatten_tokens(hidden, labels)
+    chunk = lm_head_chunk_tokens(max(flat_h.shape[0], 1), weight.shape[0], weight.shape[1],
+                                 chunk_tokens=chunk_tokens, num_chunks=num_chunks,
+                                 logits_budget_bytes=logits_budget_bytes)
+    divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
     grads_in_forward = (reduction != "none" and torch.is_grad_enabled()
                         and any(t is not None and t.requires_grad for t in (flat_h, weight, bias)))
     out = ChunkedLMHeadLossFunction.apply(flat_h, weight, bias, flat_y, chunk, ignore_index, logit_scale,

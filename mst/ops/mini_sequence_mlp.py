@@ -7,14 +7,19 @@ saves only the input X; backward recomputes one chunk at a time and asks autogra
 gradients, so peak intermediate memory is one chunk's, and weight gradients still reach ``.grad`` through autograd
 (no manual ``.grad`` writes: DDP / FSDP / ZeRO hooks and gradient accumulation behave as with the plain module).
 
+The recompute replays each chunk's forward RNG state (``ChunkRNGStates``), so an ``fn`` with dropout (nn.Dropout,
+a LoRA adapter's lora_dropout) gets the gradient of the output it returned, as under torch.utils.checkpoint.
+
 Legend: N = tokens (batch x seq flattened), d = hidden size, C = chunk tokens, M = ceil(N / C) chunks.
 Cost: one extra MLP forward per chunk in backward (the recompute); FLOPs otherwise unchanged. Under activation
-checkpointing that recompute replaces the checkpoint's own re-run of the MLP (see ``_SaveMLPInput``).
+checkpointing that recompute replaces the checkpoint's own re-run of the MLP (see ``_SaveMLPInput``). Memory: M
+generator states besides X (the CPU one's 5 KB each, plus 16 bytes for a CUDA input).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -28,10 +33,82 @@ def autocast_state(device_type: str) -> dict:
             "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
 
 
-def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """fn over mini-sequences of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq."""
+class ChunkRNGStates:
+    """The random-generator state in front of each chunk's forward, replayed in front of that chunk's recompute.
+
+    A recompute of code that draws random numbers (dropout) would otherwise draw fresh masks, and its gradient would
+    not be the gradient of the forward's output. As torch.utils.checkpoint does: the CPU generator and, for an
+    accelerator tensor, its device's generator; each replay runs inside ``fork_rng``, so the caller's stream after
+    backward is the one the forward left. Kept as plain attributes (not saved tensors).
+    """
+
+    def __init__(self, like: torch.Tensor):
+        device_type = like.device.type
+        self.devices = [] if device_type in ("cpu", "meta") else [like.get_device()]
+        self.device_type = device_type if self.devices else "cpu"
+        self.module = torch.get_device_module(device_type) if self.devices else None
+        self.states: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+
+    def capture(self) -> None:
+        """Record the state the next chunk's forward starts from."""
+        self.states.append((torch.get_rng_state(), [self.module.get_rng_state(d) for d in self.devices]))
+
+    @contextlib.contextmanager
+    def replay(self, chunk: int) -> Iterator[None]:
+        """Run the block from the state captured before forward chunk number ``chunk``; restore the caller's after."""
+        cpu_state, device_states = self.states[chunk]
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
+            torch.set_rng_state(cpu_state)
+            for device, state in zip(self.devices, device_states):
+                self.module.set_rng_state(state, device)
+            yield
+
+
+class ParamGrads:
+    """Per-chunk gradients of the ``params`` that need one, summed over chunks.
+
+    fp32 accumulators for low-precision params: the M chunk gradients are summed without further rounding (each
+    chunk's gradient is still rounded once to the param dtype by autograd; measured bf16 weight-grad error is within
+    ~5% of vanilla's, tests/integrations/test_hf_bf16.py).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], needs: Sequence[bool]):
+        self.params, self.needs = params, needs
+        self.wanted = [p for p, need in zip(params, needs) if need]
+        self.accs: list[torch.Tensor | None] = [None] * len(self.wanted)
+
+    def add(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Add one chunk's gradients of ``self.wanted`` (None where the chunk did not use a param)."""
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if self.accs[i] is None:
+                self.accs[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+            else:
+                self.accs[i].add_(g)
+
+    def result(self, zeros_if_unused: bool = False) -> list[torch.Tensor | None]:
+        """One entry per param, in its dtype: None where not needed, or where unused unless ``zeros_if_unused``."""
+        it = iter(self.accs)
+        out = []
+        for p, need in zip(self.params, self.needs):
+            g = next(it) if need else None
+            if g is None and need and zeros_if_unused:
+                g = torch.zeros_like(p)
+            out.append(g.to(p.dtype) if g is not None else None)
+        return out
+
+
+def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int, rng: ChunkRNGStates | None = None) -> torch.Tensor:
+    """fn over mini-sequences of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq; ``rng``
+    records each chunk's starting RNG state for the recompute."""
     flat = x.reshape(-1, x.shape[-1])  # (N, d)
-    out = torch.cat([fn(c) for c in flat.split(chunk_tokens)], dim=0)
+    outs = []
+    for c in flat.split(chunk_tokens):
+        if rng is not None:
+            rng.capture()
+        outs.append(fn(c))
+    out = torch.cat(outs, dim=0)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -80,7 +157,7 @@ class _SaveMLPInput(torch.autograd.Function):
 
 class MiniSequenceMLPFunction(torch.autograd.Function):
     """y = fn(x) computed chunk by chunk along the token axis; saves nothing itself (X is held by ``saver``, the
-    ``_SaveMLPInput`` node that produced ``x``).
+    ``_SaveMLPInput`` node that produced ``x``), besides each chunk's RNG state for the recompute.
 
     ``params`` must be every tensor ``fn`` closes over that may need a gradient: they are declared as inputs so
     that autograd routes their gradients back through this node.
@@ -90,47 +167,32 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, saver, fn: MLPFn, chunk_tokens: int, *params: torch.Tensor) -> torch.Tensor:
         ctx.saver, ctx.params = saver, params
         ctx.fn, ctx.chunk_tokens, ctx.autocast = fn, chunk_tokens, autocast_state(x.device.type)
+        ctx.rng = ChunkRNGStates(x)
         with torch.no_grad():  # detached so no chunk view claims to need grad
-            return _map_chunks(fn, x.detach(), chunk_tokens)
+            return _map_chunks(fn, x.detach(), chunk_tokens, ctx.rng)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saver.saved_tensors
-        params = ctx.params
         want_x = ctx.needs_input_grad[0]
-        want = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[4:])
         flat = x.detach().reshape(-1, x.shape[-1])
         gflat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat) if want_x else None
-        # fp32 accumulators for low-precision weights: the M chunk gradients are summed without further rounding
-        # (each chunk's gradient is still rounded once to the weight dtype by autograd; measured bf16 weight-grad
-        # error is within ~5% of vanilla's, tests/integrations/test_hf_bf16.py).
-        accs = [None] * len(want)
         start = 0
-        for xc, gc in zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens)):
+        for i, (xc, gc) in enumerate(zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens))):
             xc = xc.detach().requires_grad_(want_x)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
                 yc = ctx.fn(xc)
-            inputs = ([xc] if want_x else []) + want
+            inputs = ([xc] if want_x else []) + param_grads.wanted
             grads = torch.autograd.grad(yc, inputs, gc, allow_unused=True)
             if want_x:
                 grad_x[start:start + xc.shape[0]] = grads[0]
                 grads = grads[1:]
-            for i, g in enumerate(grads):
-                if g is None:
-                    continue
-                if accs[i] is None:
-                    accs[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
-                else:
-                    accs[i].add_(g)
+            param_grads.add(grads)
             start += xc.shape[0]
-        it = iter(accs)
-        param_grads = []
-        for p, need in zip(params, ctx.needs_input_grad[4:]):
-            g = next(it) if need else None
-            param_grads.append(g.to(p.dtype) if g is not None else None)
         gx = grad_x.view_as(x) if want_x else None
-        return (gx, None, None, None, *param_grads)
+        return (gx, None, None, None, *param_grads.result())
 
 
 def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor], chunk_tokens: int,

@@ -1,10 +1,14 @@
 """mini_sequence_mlp against the plain module: outputs, input gradient and every weight gradient must equal the
 unchunked MLP's (fp32, ``tests.utils.assert_exact``), for SwiGLU and GeGLU, with/without biases, chunk sizes that do and
-do not divide N, 2-D and 3-D inputs, frozen weights, both modes, and the no-grad path."""
+do not divide N, 2-D and 3-D inputs, frozen weights, both modes, and the no-grad path; with dropout inside the MLP,
+the recompute must replay the forward's masks."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
+from torch import nn
 
 from mst.ops import MiniSequenceMLPFunction, mini_sequence_mlp, resolve_chunk_tokens
 from tests.utils import GATED_ACTS, GatedMLP, assert_exact
@@ -152,3 +156,107 @@ def test_checkpoint_recompute_skips_the_mlp(post_op_saves_output):
         results.append((out.detach(), xi.grad, {n: p.grad for n, p in mlp.named_parameters()}))
     assert calls["n"] == 7 * (3 if post_op_saves_output else 2)  # 100 tokens = 7 chunks of 16
     assert_same(results[1], results[0])
+
+
+class DropoutMLP(GatedMLP):
+    """A gated MLP with dropout on its intermediate (as nn.Dropout in an MLP, or a LoRA adapter's lora_dropout)."""
+
+    def __init__(self, p: float = 0.3, bias: bool = True):
+        super().__init__(D, I, "silu", bias)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.drop(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def run_seeded(mlp: nn.Module, x: torch.Tensor, chunk: int, mode: str, seed: int = 11):
+    """``run`` from a fixed seed; also the RNG state the caller sees after forward + backward."""
+    torch.manual_seed(seed)
+    result = run(mlp, x, chunk, mode)
+    return result, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 13])  # 50 tokens: 13, 8 and 4 chunks, with and without remainders
+@pytest.mark.parametrize("shape", [(50, D), (2, 25, D)], ids=["2d", "3d"])
+def test_dropout_recompute_replays_the_forward_masks(chunk, shape):
+    """Regression: the backward recompute drew fresh dropout masks, so the gradient was not the gradient of the
+    returned output. With each chunk's RNG state replayed, output and every gradient equal the naive loop's
+    (plain autograd over the same chunks from the same seed: the same masks), and the caller's RNG stream after
+    backward is the naive loop's (the recompute draws inside a fork)."""
+    mlp = DropoutMLP().train()
+    x = torch.randn(shape, requires_grad=True)
+    got, got_state = run_seeded(mlp, x, chunk, "recompute")
+    ref, ref_state = run_seeded(mlp, x, chunk, "naive")
+    assert_same(got, ref)
+    assert torch.equal(got_state, ref_state), "the recompute moved the caller's RNG stream"
+    assert not torch.equal(run_seeded(mlp, x, chunk, "naive", seed=12)[0][1], ref[1]), "dropout is not random"
+
+
+def test_dropout_gradient_is_the_derivative_of_the_output():
+    """float64: the directional derivative of <output, g> along a random direction of (x, every weight) equals a
+    central finite difference of the returned output (evaluated from the same seed, hence the same masks)."""
+    mlp = DropoutMLP().double().train()
+    x = torch.randn(3, 9, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 9, D, dtype=torch.float64)
+    params = list(mlp.parameters())
+
+    def loss(seed: int = 5) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return (mini_sequence_mlp(x, mlp.forward, params, 4) * g).sum()
+
+    loss().backward()
+    gen = torch.Generator().manual_seed(2)
+    dirs = [torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in [x, *params]]
+    analytic = sum(float((t.grad * v).sum()) for t, v in zip([x, *params], dirs))
+    eps = 1e-6
+    values = []
+    with torch.no_grad():
+        for sign in (1.0, -2.0, 1.0):  # +eps, then -eps, then back
+            for t, v in zip([x, *params], dirs):
+                t.add_(sign * eps * v)
+            values.append(float(loss()))
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert math.isclose(analytic, numeric, rel_tol=1e-6), (analytic, numeric)
+
+
+@pytest.mark.parametrize("post_op_saves_output", [False, True])
+def test_dropout_under_checkpointing_matches_naive(post_op_saves_output):
+    """Activation checkpointing around a layer whose MLP has dropout: whether the layer's recompute stops before the
+    MLP or runs it again, MsT's chunk recomputes replay the masks of the forward that produced the output."""
+    mlp = DropoutMLP().train()
+
+    def layer(h: torch.Tensor, mode: str) -> torch.Tensor:
+        y = mini_sequence_mlp(h * 2, mlp.forward, list(mlp.parameters()), 16, mode=mode)
+        return h + (y * y if post_op_saves_output else y)
+
+    x = torch.randn(2, 50, D)
+    results = []
+    for mode in ("naive", "recompute"):
+        mlp.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = torch.utils.checkpoint.checkpoint(layer, xi, mode, use_reentrant=False)
+        out.sum().backward()
+        results.append(((out.detach(), xi.grad, {n: p.grad for n, p in mlp.named_parameters()}), torch.get_rng_state()))
+    assert_same(results[1][0], results[0][0])
+    assert torch.equal(results[1][1], results[0][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA generator's replay")
+def test_dropout_replay_on_cuda():
+    """On CUDA the device generator is captured and replayed (dropout draws from it), and its stream after
+    backward is the naive loop's."""
+    mlp = DropoutMLP().cuda().train()
+    x = torch.randn(2, 25, D, device="cuda")
+    g = torch.randn(2, 25, D, device="cuda")
+    results = []
+    for mode in ("naive", "recompute"):
+        mlp.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(4)
+        out = mini_sequence_mlp(xi, mlp.forward, list(mlp.parameters()), 7, mode=mode)
+        out.backward(g)
+        results.append(((out.detach(), xi.grad, {n: p.grad for n, p in mlp.named_parameters()}),
+                        torch.cuda.get_rng_state()))
+    assert_same(results[1][0], results[0][0])
+    assert torch.equal(results[1][1], results[0][1])

@@ -1,0 +1,175 @@
+"""Chunked LM-head + cross-entropy through the head *module*, exact: the N x V logits never exist.
+
+``chunked_lm_head_loss`` multiplies by ``lm_head.weight`` itself, so whatever the head module does beyond h W^T + b
+-- a PEFT LoRA adapter on lm_head, a subclass's own forward, a forward hook -- is skipped there (another loss, and no
+gradient for the adapter). Here ``head_fn`` (e.g. the lm_head module itself) makes each chunk's logits:
+
+forward: per chunk of tokens, under no_grad, logits = head_fn(h_chunk), upcast like HF's loss (``.float()``; float64
+stays float64), scaled / softcapped as in ``chunked_lm_head_loss``, and the chunk's cross-entropy. Only the hidden
+states, the labels and each chunk's RNG state are kept.
+backward: per chunk, head_fn again with grad enabled, from that chunk's forward RNG state (the same dropout masks,
+``ChunkRNGStates``) and under the forward's autocast; the logits gradient in closed form (softmax - onehot, shared
+with ``chunked_lm_head_loss``); autograd then gives the hidden chunk's and the params' gradients, which are summed
+over chunks (fp32 for bf16/fp16 params, ``ParamGrads``).
+Chunks whose labels are all ignored are skipped in both passes: head_fn is not called on them.
+
+Legend: N = tokens (batch x seq flattened), d = hidden, V = vocab, C = chunk tokens.
+Memory: one chunk's C x V logits and their fp32 copies at a time, plus the saved N x d hidden states.
+Cost: one head forward per chunk more than vanilla (the recompute: the head's graph is not kept), and forward hooks
+of the head see every chunk twice (forward and recompute).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .chunked_lm_head_loss import (_check_reduction, _finish_logits, _flatten_tokens, _logits_gradient, _loss_divisor,
+                                   lm_head_chunk_tokens)
+from .mini_sequence_mlp import ChunkRNGStates, ParamGrads, autocast_state
+
+HeadFn = Callable[[torch.Tensor], torch.Tensor]
+_N_ARGS = 10  # ChunkedModuleLMHeadLossFunction.forward's inputs before *params
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the logits in at least fp32, which ``_finish_logits`` may modify in place without touching
+    head_fn's output (the recompute's graph may have saved it)."""
+    return logits.detach().to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+
+
+def _labelled_chunks(valid: torch.Tensor, chunk_tokens: int) -> list[int]:
+    """Start rows of the chunks holding at least one valid label (one host sync for all chunks)."""
+    n_chunks = -(-valid.shape[0] // chunk_tokens)
+    padded = valid.new_zeros(n_chunks * chunk_tokens)
+    padded[:valid.shape[0]] = valid
+    return (padded.view(n_chunks, chunk_tokens).any(dim=1).nonzero().flatten() * chunk_tokens).tolist()
+
+
+def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: Sequence[int],
+                  chunk_tokens: int, ignore_index: int, logit_scale: float | None, softcap: float | None,
+                  rng: ChunkRNGStates | None) -> torch.Tensor:
+    """Per-token cross-entropy (0 where ignored), one chunk's logits at a time; call without grad. ``rng`` records
+    each chunk's starting RNG state for the recompute."""
+    losses = None
+    for s in starts:
+        e = s + chunk_tokens
+        if rng is not None:
+            rng.capture()
+        z, _ = _finish_logits(_upcast(head_fn(hidden[s:e])), logit_scale, softcap)
+        if losses is None:
+            losses = z.new_zeros(hidden.shape[0])
+        losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=ignore_index, reduction="none")
+        del z
+    return losses if losses is not None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+
+
+def _reduce(losses: torch.Tensor, per_token: bool, divisor: int | torch.Tensor | None) -> torch.Tensor:
+    """The returned loss: per-token losses, or their sum over ``divisor`` (None: the plain sum)."""
+    if per_token:
+        return losses
+    total = losses.sum()
+    return total / divisor if divisor is not None else total
+
+
+class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
+    """Cross-entropy of ``head_fn(hidden)`` chunk by chunk: per-token losses, or their sum divided by ``divisor``
+    (None: plain sum). Saves the hidden states and labels; backward recomputes each chunk's logits (see the module
+    docstring). ``starts`` are the chunks' first rows (the chunks with a valid label); ``params`` must be every
+    tensor ``head_fn`` closes over that may need a gradient, each once: they are declared as inputs so that autograd
+    routes their gradients back through this node.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: list[int],
+                chunk_tokens: int, ignore_index: int, logit_scale: float | None, softcap: float | None,
+                per_token: bool, divisor: int | torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+        ctx.head_fn, ctx.params, ctx.starts, ctx.chunk_tokens = head_fn, params, starts, chunk_tokens
+        ctx.ignore_index, ctx.logit_scale, ctx.softcap = ignore_index, logit_scale, softcap
+        ctx.per_token, ctx.divisor = per_token, divisor
+        ctx.autocast, ctx.rng = autocast_state(hidden.device.type), ChunkRNGStates(hidden)
+        ctx.save_for_backward(hidden, labels)
+        losses = _chunk_losses(hidden, labels, head_fn, starts, chunk_tokens, ignore_index, logit_scale, softcap,
+                               ctx.rng)
+        return _reduce(losses, per_token, divisor)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, labels = ctx.saved_tensors
+        want_h = ctx.needs_input_grad[0]
+        param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[_N_ARGS:])
+        # per-token weight of d(loss)/d(logit): the upstream gradient (over the divisor), zero on ignored tokens
+        upstream = grad_out if ctx.per_token else grad_out.expand(labels.shape[0])
+        if ctx.divisor is not None:
+            upstream = upstream / ctx.divisor
+        tok_w = upstream * (labels != ctx.ignore_index)
+        safe_labels = labels.clamp_min(0)
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        for i, s in enumerate(ctx.starts):
+            e = s + ctx.chunk_tokens
+            hc = hidden[s:e].detach().requires_grad_(want_h)
+            with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
+                logits = ctx.head_fn(hc)
+            with torch.autocast(hidden.device.type, enabled=False):  # the loss gradient in full precision
+                z, t = _finish_logits(_upcast(logits), ctx.logit_scale, ctx.softcap)
+                dz = torch.softmax(z, dim=-1)
+                del z
+                dz = _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e].to(dz.dtype), ctx.logit_scale)
+            inputs = ([hc] if want_h else []) + param_grads.wanted
+            # dz in the logits' dtype: the precision of vanilla's logits gradient
+            grads = torch.autograd.grad(logits, inputs, dz.to(logits.dtype), allow_unused=True)
+            del logits, dz, t
+            if want_h:
+                if grads[0] is not None:
+                    grad_h[s:e] = grads[0]
+                grads = grads[1:]
+            param_grads.add(grads)
+        # every label ignored: no chunk ran; zero gradients, as autograd gives for HF's loss
+        return (grad_h, *[None] * (_N_ARGS - 1), *param_grads.result(zeros_if_unused=not ctx.starts))
+
+
+def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: Sequence[torch.Tensor],
+                                labels: torch.Tensor, *, vocab_size: int | None = None,
+                                chunk_tokens: int | None = None, num_chunks: int | None = None,
+                                logits_budget_bytes: int | None = None, ignore_index: int = -100,
+                                reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
+                                logit_scale: float | None = None,
+                                final_logit_softcapping: float | None = None) -> torch.Tensor:
+    """Cross-entropy of ``head_fn(hidden)`` against ``labels`` (already aligned, i.e. shifted), chunked, where
+    ``head_fn`` is any token-wise head (e.g. the lm_head module, so its LoRA adapter, subclass forward and hooks
+    run). Same loss semantics as ``chunked_lm_head_loss``.
+
+    head_fn: (C, d) hidden rows -> (C, V) logits; may draw random numbers (dropout): backward replays them.
+    params: every tensor head_fn uses that may need a gradient (e.g. ``[p for p in lm_head.parameters() if
+    p.requires_grad]``); a tensor that needs a gradient but is not listed gets none from this loss.
+    hidden: (..., d); labels: (...) with ``ignore_index`` for positions that do not count.
+    vocab_size: V, for the default chunk rule (M = ceil(V / d) chunks, ``lm_head_chunk_tokens``) and for
+    ``logits_budget_bytes``; not needed with ``chunk_tokens`` or ``num_chunks``.
+    reduction="mean": sum / ``num_items_in_batch`` if given, else sum / (number of valid labels) -- HF's
+    ``ForCausalLMLoss`` semantics, including NaN (with zero gradients) when every label is ignored and no
+    ``num_items_in_batch`` is given. reduction="sum": summed loss; reduction="none": per-token losses shaped like
+    ``labels`` (0 where ignored). The loss is fp32 (float64 for a float64 head).
+    """
+    _check_reduction(reduction)
+    flat_h, flat_y = _flatten_tokens(hidden, labels)
+    if vocab_size is None and chunk_tokens is None and num_chunks is None:
+        raise ValueError("vocab_size is needed for the default chunk rule and for logits_budget_bytes; "
+                         "or give chunk_tokens / num_chunks")
+    chunk = lm_head_chunk_tokens(max(flat_h.shape[0], 1), vocab_size or 0, flat_h.shape[1],
+                                 chunk_tokens=chunk_tokens, num_chunks=num_chunks,
+                                 logits_budget_bytes=logits_budget_bytes)
+    divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
+    starts = _labelled_chunks(flat_y != ignore_index, chunk)
+    params = tuple(params)
+    per_token = reduction == "none"
+    if torch.is_grad_enabled() and (flat_h.requires_grad or any(p.requires_grad for p in params)):
+        out = ChunkedModuleLMHeadLossFunction.apply(flat_h, flat_y, head_fn, starts, chunk, ignore_index,
+                                                    logit_scale, final_logit_softcapping, per_token, divisor,
+                                                    *params)
+    else:  # nothing needs a gradient: the loss alone, no RNG states kept
+        with torch.no_grad():
+            losses = _chunk_losses(flat_h, flat_y, head_fn, starts, chunk, ignore_index, logit_scale,
+                                   final_logit_softcapping, None)
+        out = _reduce(losses, per_token, divisor)
+    return out.view(labels.shape) if per_token else out
