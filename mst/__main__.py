@@ -4,86 +4,109 @@
     python -m mst plan --model gemma2-9b --gpus 4 --strategy mst --strategy mst_offload --json
     python -m mst plan --model path/to/config.json --seq-len 32768 --engine traced
 
-Bad input (unknown model, a model whose weights and optimizer state alone exceed the GPU, invalid options) prints
-one line on stderr and exits with status 2.
+Bad input (unknown model, a missing or invalid config file, numbers that are not a real card or model such as NaN,
+a negative reserve or a zero head count, a model whose weights and optimizer state alone exceed the GPU, invalid
+options) prints one line on stderr and exits with status 2, as argparse does. The planner itself validates the
+numbers (``mst.memory.planner.Budget``, ``ModelSpec``, ``Workload``); this module only reports its ValueError.
+A search that reaches its cap without overflowing prints "at least N (the search cap)" (JSON: ``capped``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
-from .memory.planner import DEFAULT_RESERVE_GB, ENGINES, Plan, max_seq_len, plan
+from .memory.planner import DEFAULT_RESERVE_GB, ENGINES, Budget, Plan, max_seq_len, plan
+from .memory.planner.spec import check_config_sizes
 from .memory.strategies import OPTIMIZERS, STRATEGIES
 
 GiB = 1024 ** 3
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ("weights", "gradients", "optimizer_state", "activations", "transient")
+Row = tuple[int, Plan | None, bool]  # length, its plan (None when nothing fits), capped by the search
 
 
-class _Fail(Exception):
-    """A user error: reported on stderr with exit status 2."""
+def _load_file(model: str) -> PretrainedConfig:
+    """An HF config from a config.json path, with its sizes checked before transformers parses it (whose own
+    checks divide by the head count) and any transformers error turned into a ValueError naming the file."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if not path.is_file():  # else transformers takes the name for a hub repository and reports the network
+        raise ValueError(f"config file {model!r} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read config {model!r}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"cannot read config {model!r}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        check_config_sizes(raw)
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, TypeError, ValueError, ArithmeticError, StrictDataclassError) as exc:
+        raise ValueError(f"config {model!r}: {exc}") from exc
 
 
-def _load(model: str):
+def _load(model: str) -> PretrainedConfig:
     from .configs import MODELS, load_config
 
     if model.endswith(".json"):
-        from transformers import AutoConfig
-
-        try:
-            return AutoConfig.from_pretrained(model)
-        except (OSError, ValueError) as exc:
-            raise _Fail(f"cannot read config {model!r}: {exc}") from exc
+        return _load_file(model)
     if model not in MODELS:
-        raise _Fail(f"unknown model {model!r}; known: {', '.join(MODELS)} (or a path to a config.json)")
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)} (or a path to a config.json)")
     return load_config(model)
 
 
-def _rows(args) -> dict[str, tuple[int, Plan | None]]:
+def _rows(args) -> dict[str, Row]:
+    Budget(args.gpu_mem_gb, args.reserve_gb)  # also when --seq-len skips the search: the header prints both
     config = _load(args.model)
     common = dict(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=DTYPES[args.dtype],
                   grad_accumulation=args.grad_accumulation, engine=args.engine, batch_size=args.batch_size)
     rows = {}
     for strategy in args.strategy or list(STRATEGIES):
-        try:
-            if args.seq_len:
-                length = args.seq_len
-            else:
-                length = max_seq_len(config, strategy, reserve_gb=args.reserve_gb, granularity=args.granularity,
-                                     **common)
-            rows[strategy] = (length, plan(config, length, strategy, **common) if length else None)
-        except ValueError as exc:
-            raise _Fail(str(exc)) from exc
+        if args.seq_len is not None:  # plan exactly this length (the planner rejects 0 and negatives)
+            rows[strategy] = (args.seq_len, plan(config, args.seq_len, strategy, **common), False)
+            continue
+        length = max_seq_len(config, strategy, reserve_gb=args.reserve_gb, granularity=args.granularity, **common)
+        rows[strategy] = (length, plan(config, length, strategy, **common) if length else None, length.capped)
     return rows
 
 
-def _table(args, rows: dict[str, tuple[int, Plan | None]]) -> str:
+def _table(args, rows: dict[str, Row]) -> str:
     head = (f"{args.model}: {args.gpus} x {args.gpu_mem_gb:g} GiB ({args.reserve_gb:g} GiB reserve), {args.dtype}, "
             f"{args.optimizer}{', grad accumulation' if args.grad_accumulation else ''}, batch {args.batch_size}, "
             f"{args.engine} engine")
-    label = "seq len" if args.seq_len else "max seq len"
+    label = "seq len" if args.seq_len is not None else "max seq len"
     lines = [head, f"{'strategy':<12} {label:>11} {'peak GiB':>9} " + " ".join(f"{c[:11]:>11}" for c in COLUMNS)
              + "  peak phase (host GiB)"]
-    for strategy, (length, p) in rows.items():
+    notes = []
+    for strategy, (length, p, capped) in rows.items():
         if p is None:
             lines.append(f"{strategy:<12} {length:>11}   (not even {args.granularity * args.gpus} tokens fit)")
             continue
         cells = " ".join(f"{p.breakdown[c] / GiB:>11.2f}" for c in COLUMNS)
         host = f" ({p.host_bytes / GiB:.1f})" if p.host_bytes else ""
         lines.append(f"{strategy:<12} {length:>11} {p.peak_gib:>9.2f} {cells}  {p.phase}{host}")
-    return "\n".join(lines)
+        if capped:
+            notes.append(f"{strategy}: max seq len at least {length} (the search cap); its row plans that length")
+    return "\n".join(lines + notes)
 
 
-def _json(args, rows: dict[str, tuple[int, Plan | None]]) -> str:
+def _json(args, rows: dict[str, Row]) -> str:
+    searched = args.seq_len is None
+    lengths = {"max_seq_len" if searched else "seq_len": {s: n for s, (n, _, _) in rows.items()}}
+    if searched:  # True: the search stopped at its cap, the limit is at least max_seq_len
+        lengths["capped"] = {s: capped for s, (_, _, capped) in rows.items()}
     return json.dumps({"model": args.model, "gpus": args.gpus, "gpu_mem_gb": args.gpu_mem_gb,
                        "reserve_gb": args.reserve_gb, "dtype": args.dtype, "optimizer": args.optimizer,
                        "grad_accumulation": args.grad_accumulation, "engine": args.engine,
-                       "batch_size": args.batch_size,
-                       "max_seq_len" if not args.seq_len else "seq_len": {s: n for s, (n, _) in rows.items()},
-                       "plans": {s: (p.to_dict() if p else None) for s, (_, p) in rows.items()}}, indent=1)
+                       "batch_size": args.batch_size, **lengths,
+                       "plans": {s: (p.to_dict() if p else None) for s, (_, p, _) in rows.items()}}, indent=1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,11 +135,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.gpus <= 0 or args.batch_size <= 0 or args.gpu_mem_gb <= 0:
-            raise _Fail("--gpus, --batch-size and --gpu-mem-gb must be positive")
         rows = _rows(args)
-    except _Fail as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # the planner's and the loader's verdict on the input
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(_json(args, rows) if args.json else _table(args, rows))
     return 0

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from mst.__main__ import main
+from mst.configs import CONFIG_DIR
 from mst.memory.strategies import STRATEGIES
 
 
@@ -54,3 +55,89 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def _error_line(capsys) -> str:
+    """The one line ``main`` printed on stderr (and nothing on stdout)."""
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--gpu-mem-gb", "nan"], "gpu_mem_gb must be a positive finite number, got nan"),
+    (["--gpu-mem-gb", "inf"], "gpu_mem_gb must be a positive finite number, got inf"),
+    (["--gpu-mem-gb", "0"], "gpu_mem_gb must be a positive finite number"),
+    (["--reserve-gb", "-50"], "reserve_gb must be a finite number from 0 to less than gpu_mem_gb"),
+    (["--reserve-gb", "80"], "reserve_gb must be a finite number from 0 to less than gpu_mem_gb"),
+    (["--seq-len", "0"], "seq_len must be a positive integer, got 0"),  # was taken as "search"
+    (["--seq-len", "-4096"], "seq_len must be a positive integer"),
+    (["--gpus", "0"], "sp (gpus) must be a positive integer, got 0"),
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--granularity", "0"], "granularity must be a positive integer, got 0"),
+    (["--seq-len", "4096", "--reserve-gb", "-1"], "reserve_gb"),  # checked even when nothing is searched
+])
+def test_nonsense_numbers_exit_2(capsys, options: list[str], message: str):
+    assert main(["plan", "--model", "llama3-8b", "--strategy", "mst", *options]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_search_cap_is_reported_not_passed_off_as_the_answer(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--strategy", "mst", "--gpu-mem-gb", "1e9"]) == 0
+    assert "at least 8388608 (the search cap)" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama3-8b", "--strategy", "mst", "--gpu-mem-gb", "1e9", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_seq_len"]["mst"] == 1 << 23 and result["capped"] == {"mst": True}
+    assert main(["plan", "--model", "llama3-8b", "--strategy", "mst", "--strategy", "vanilla", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["capped"] == {"mst": False, "vanilla": False}
+    assert main(["plan", "--model", "llama3-8b", "--strategy", "mst"]) == 0
+    assert "search cap" not in capsys.readouterr().out
+
+
+def _shipped(name: str) -> dict:
+    """The shipped config.json of ``name`` (without the ``_source`` notes)."""
+    raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def _config_file(path, **changes) -> str:
+    """Llama3-8B's config.json with ``changes``, written to ``path``."""
+    path.write_text(json.dumps({**_shipped("llama3-8b"), **changes}))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers must be a positive integer, got -2"),  # planned negative grads
+    ({"hidden_size": "big"}, "hidden_size must be a positive integer, got 'big'"),
+    ({"intermediate_size": 14336.5}, "intermediate_size must be a positive integer, got 14336.5"),
+    ({"num_key_value_heads": 5}, "must be a multiple of num_key_value_heads (5)"),
+])
+def test_bad_config_files_exit_2(capsys, tmp_path, changes: dict, message: str):
+    assert main(["plan", "--model", _config_file(tmp_path / "config.json", **changes)]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_unreadable_config_files_exit_2(capsys, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    assert main(["plan", "--model", str(bad)]) == 2
+    assert "broken.json" in _error_line(capsys)
+    eps = _config_file(tmp_path / "eps.json", rms_norm_eps="tiny")  # not a planner size: transformers' type check
+    assert main(["plan", "--model", eps]) == 2
+    assert "rms_norm_eps" in _error_line(capsys)
+
+
+def test_missing_relative_config_says_so(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--model", "missing.json"]) == 2
+    err = _error_line(capsys)
+    assert "config file 'missing.json' does not exist" in err and "huggingface" not in err.lower()
+
+
+def test_config_file_plans_like_the_shipped_name(capsys, tmp_path):
+    assert main(["plan", "--model", _config_file(tmp_path / "config.json"), "--strategy", "mst", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)["max_seq_len"]
+    assert main(["plan", "--model", "llama3-8b", "--strategy", "mst", "--json"]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)["max_seq_len"]

@@ -17,16 +17,17 @@ mini-sequence MLP and chunked LM-head run on each rank's local shard:
 
 Files: ``launch`` (rendezvous from the environment), ``sequence_parallel`` (SP x DP grid, validation, backend
 registry), ``ulysses`` (DeepSpeed-Ulysses), ``lss`` (LSS segment attention and the all-gather baseline),
-``sharding`` (``shard_batch``), ``loss`` (``sp_loss``, ``reduce_gradients``, double averaging), ``comm_stats``
+``sharding`` (``shard_batch``; every rank's shard must have one shape, checked once per forward by
+``check_equal_shards``), ``loss`` (``sp_loss``, ``reduce_gradients``, double averaging), ``comm_stats``
 (``count_collectives`` and the communication model ``predict_step``).
 """
 from .comm_stats import CommStats, count_collectives, predict_step
 from .launch import DistEnv, init_distributed, rendezvous_from_env
 from .loss import reduce_gradients, sp_loss
-from .sequence_parallel import (BACKENDS, Backend, SequenceParallel, setup_sequence_parallel,
+from .sequence_parallel import (BACKENDS, Backend, SequenceParallel, check_equal_shards, setup_sequence_parallel,
                                 teardown_sequence_parallel, validate_sp_config)
 from .sharding import shard_batch
 
-__all__ = ["BACKENDS", "Backend", "CommStats", "DistEnv", "SequenceParallel", "count_collectives",
-           "init_distributed", "predict_step", "reduce_gradients", "rendezvous_from_env", "setup_sequence_parallel",
-           "shard_batch", "sp_loss", "teardown_sequence_parallel", "validate_sp_config"]
+__all__ = ["BACKENDS", "Backend", "CommStats", "DistEnv", "SequenceParallel", "check_equal_shards",
+           "count_collectives", "init_distributed", "predict_step", "reduce_gradients", "rendezvous_from_env",
+           "setup_sequence_parallel", "shard_batch", "sp_loss", "teardown_sequence_parallel", "validate_sp_config"]

@@ -118,10 +118,23 @@ def predict_step(backend: str, *, sp: int, dp: int, layers: int, heads: int, kv_
     - "allgather": the same with [Q; K; V] (heads + 2 kv_heads);
     - "ulysses": four all-to-alls (Q, K, V, output) in forward and four in backward, K/V with kv heads replicated
       up to sp when kv_heads < sp, plus an all-gather of the int64 position ids in every forward.
-    ``recompute`` (activation checkpointing, e.g. ``mst.apply``) runs every layer's forward twice. The loss adds
-    two scalar all-reduces over the SP group (valid-label count, int64; loss, fp32) and the gradient reduction
-    ``grad_buckets`` all-reduces of ``grad_bytes`` in all over the sp x dp grid.
+    ``recompute`` (activation checkpointing, e.g. ``mst.apply``) runs every layer's forward twice. Every forward
+    of the model adds one all-gather of each rank's (batch, tokens) shape (two int64, ``check_equal_shards``).
+    The loss adds two scalar all-reduces over the SP group (valid-label count, int64; loss, fp32) and the
+    gradient reduction ``grad_buckets`` all-reduces of ``grad_bytes`` in all over the sp x dp grid.
+
+    Raises ValueError unless every count and size is a positive integer (``grad_bytes``: non-negative) and
+    ``seq_len`` splits evenly over ``sp``, as ``shard_batch`` requires.
     """
+    for name, value in (("sp", sp), ("dp", dp), ("layers", layers), ("heads", heads), ("kv_heads", kv_heads),
+                        ("head_dim", head_dim), ("batch", batch), ("seq_len", seq_len),
+                        ("grad_buckets", grad_buckets), ("act_bytes", act_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(grad_bytes, bool) or not isinstance(grad_bytes, int) or grad_bytes < 0:
+        raise ValueError(f"grad_bytes must be a non-negative integer, got {grad_bytes!r}")
+    if seq_len % sp:
+        raise ValueError(f"seq_len {seq_len} is not divisible by sp={sp}: shards must be equal")
     ops: dict[str, dict[str, float]] = {}
 
     def add(op: str, calls: int, payload_each: float, group: int) -> None:
@@ -146,6 +159,7 @@ def predict_step(backend: str, *, sp: int, dp: int, layers: int, heads: int, kv_
         add("all_gather", forwards, sp * tokens * 8, sp)
     else:
         raise ValueError(f"unknown backend {backend!r}")
+    add("all_gather_into_tensor", 1, sp * 2 * 8, sp)  # the shard-shape check
     add("all_reduce", 1, 8, sp)
     add("all_reduce", 1, 4, sp)
     add("all_reduce", grad_buckets, grad_bytes / grad_buckets, sp * dp)

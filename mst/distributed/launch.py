@@ -8,6 +8,7 @@ The process-group backend follows the device: NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -48,8 +49,12 @@ def rendezvous_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int,
         rank, world, local = int(env[names[0]]), int(env[names[1]]), int(env.get(names[2], env[names[0]]))
     except ValueError as err:
         raise RuntimeError(f"rendezvous variables {names} must be integers: {err}") from None
+    if world < 1:
+        raise RuntimeError(f"world size {world} must be positive ({names[1]})")
     if not 0 <= rank < world:
         raise RuntimeError(f"rank {rank} is outside world size {world} ({names[0]}, {names[1]})")
+    if local < 0:
+        raise RuntimeError(f"local rank {local} must be non-negative ({names[2]})")
     if world > 1:
         missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not env.get(n)]
         if missing:
@@ -64,7 +69,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     """Initialise the default process group from the environment (no-op for a single process); returns DistEnv.
 
     device: "auto" (CUDA when available, else CPU), "cuda" or "cpu". On CUDA each rank takes GPU ``local_rank``.
+    timeout_s: how long a collective may wait for the other ranks before failing (positive, finite).
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
+            math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if device == "auto":

@@ -94,6 +94,7 @@ def reduce_gradients(model: nn.Module, sp: SequenceParallel | None = None, *,
     memory at 1 MiB, which matters when memory, not bandwidth, is what limits the sequence length.
     Missing gradients of trainable parameters are treated as zeros so every rank reduces the same buckets.
     """
+    _check_bucket_bytes(bucket_bytes)  # also in one process, where nothing is reduced
     sp = _placement(model, sp)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
@@ -106,13 +107,18 @@ def reduce_gradients(model: nn.Module, sp: SequenceParallel | None = None, *,
         _reduce(bucket, divisor)
 
 
-def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int):
+def _check_bucket_bytes(bucket_bytes: int) -> None:
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+
+
+def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
     """The all-reduce buckets of ``reduce_gradients``: per dtype, in order, ``_buckets`` of ``grads``."""
+    _check_bucket_bytes(bucket_bytes)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
-    for same_dtype in by_dtype.values():
-        yield from _buckets(same_dtype, bucket_bytes)
+    return [bucket for same_dtype in by_dtype.values() for bucket in _buckets(same_dtype, bucket_bytes)]
 
 
 def _buckets(grads: list[torch.Tensor], limit: int):

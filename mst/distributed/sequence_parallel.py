@@ -17,12 +17,20 @@ Nothing else in the SP path (sharding, loss, gradient reduction) depends on the 
 
 MsT composes unchanged: ``mst.apply`` patches the MLPs and LM-head, which are token-wise and simply see the local
 shard; order of the two calls does not matter.
+
+Equal shards: every rank of an SP group must hold a shard of the same (batch, tokens) shape, since the attention
+collectives exchange equal-sized pieces (with unequal ones gloo aborts with "Received data size doesn't match" and
+NCCL hangs). ``setup_sequence_parallel`` therefore adds a forward pre-hook to the model that all-gathers the local
+shape once per forward (two integers; not per layer) and raises the same ``ValueError``, naming every rank's shape,
+on every rank. ``shard_batch`` makes equal shards: a length not divisible by the SP size is an error, or with
+``pad=True`` is padded exactly (ignored labels at the end).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -69,11 +77,16 @@ def validate_sp_config(config: Any, sp_size: int, backend: str = "ulysses") -> N
     BACKENDS[backend].validate(config, sp_size)
 
 
+def _check_world(sp_size: int) -> None:
+    """SP groups tile the world: ``sp_size`` must divide the number of processes."""
+    world = dist.get_world_size()
+    if world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the world size {world} (the SP x DP grid tiles the ranks)")
+
+
 def _new_groups(sp_size: int) -> tuple[Any, int, int, int]:
     """Create every rank's SP group (all ranks call this together); returns (my group, SP rank, dp, dp rank)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % sp_size:
-        raise ValueError(f"world size {world} is not divisible by sp_size={sp_size}")
     mine = None
     for start in range(0, world, sp_size):
         group = dist.new_group(list(range(start, start + sp_size)))
@@ -90,20 +103,57 @@ def setup_sequence_parallel(model: nn.Module, sp_size: int, backend: str = "ulys
     previous setup. The placement is stored as ``model.mst_sp`` for ``sp_loss`` / ``reduce_gradients``.
     """
     validate_sp_config(model.config, sp_size, backend)
+    distributed = dist.is_available() and dist.is_initialized()
+    if sp_size > 1:  # refused before teardown, so a failed call leaves the previous setup in place
+        if not distributed:
+            raise RuntimeError(f"sp_size={sp_size} needs torch.distributed initialised first "
+                               "(torchrun / SLURM: see mst.distributed.init_distributed)")
+        _check_world(sp_size)
     teardown_sequence_parallel(model)
     if sp_size == 1:
-        dp = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        dp = dist.get_world_size() if distributed else 1
         dp_rank = dist.get_rank() if dp > 1 else 0
         sp = SequenceParallel(size=1, rank=0, group=None, backend=backend, dp_size=dp, dp_rank=dp_rank)
     else:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"sp_size={sp_size} needs torch.distributed initialised first "
-                               "(torchrun / SLURM: see mst.distributed.init_distributed)")
         group, rank, dp, dp_rank = _new_groups(sp_size)
         BACKENDS[backend].install(model, group, dist.get_backend())
         sp = SequenceParallel(size=sp_size, rank=rank, group=group, backend=backend, dp_size=dp, dp_rank=dp_rank)
+        model._mst_sp_shard_check = model.register_forward_pre_hook(_check_shard_hook, with_kwargs=True)
     model.mst_sp = sp
     return sp
+
+
+def check_equal_shards(inputs: torch.Tensor | None, sp: SequenceParallel,
+                       device: torch.device | None = None) -> None:
+    """Raise the same ``ValueError`` on every rank of ``sp.group`` unless all ranks hold a (batch, tokens) shard
+    of one shape (``inputs``: this rank's ``input_ids`` or ``inputs_embeds``; None counts as no shard).
+
+    One all-gather of two integers on ``inputs``' device (else ``device``: CUDA for NCCL), so a mismatch is
+    reported before the attention collectives, which would abort (gloo) or hang (NCCL) on it. Every rank of the
+    group must call it, as every rank runs the forward.
+    """
+    if sp.size == 1:
+        return
+    local = torch.tensor(tuple(inputs.shape[:2]) if inputs is not None else (-1, -1), dtype=torch.int64,
+                         device=inputs.device if inputs is not None else device)
+    gathered = local.new_empty(2 * sp.size)
+    lss._op("all_gather_single", "all_gather_into_tensor")(gathered, local, group=sp.group)
+    shapes = [tuple(row) for row in gathered.view(sp.size, 2).tolist()]
+    if len(set(shapes)) > 1:
+        ranks = [dist.get_global_rank(sp.group, r) for r in range(sp.size)]
+        listed = ", ".join(f"rank {g}: " + ("no input" if b < 0 else f"{b} x {n}")
+                           for g, (b, n) in zip(ranks, shapes))
+        raise ValueError(f"the sequence-parallel ranks hold shards of different shapes (batch x tokens): {listed}; "
+                         "every rank needs an equal share of one batch: use mst.distributed.shard_batch (pad=True "
+                         "for a length not divisible by the SP size)")
+
+
+def _check_shard_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a sequence-parallel model: ``check_equal_shards`` on its input_ids / inputs_embeds."""
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    check_equal_shards(inputs, model.mst_sp, next(model.parameters()).device)
 
 
 def teardown_sequence_parallel(model: nn.Module) -> nn.Module:
@@ -113,5 +163,6 @@ def teardown_sequence_parallel(model: nn.Module) -> nn.Module:
         return model
     if sp.size > 1:
         BACKENDS[sp.backend].uninstall(model)
+        model.__dict__.pop("_mst_sp_shard_check").remove()
     del model.mst_sp
     return model

@@ -38,7 +38,7 @@ def shard_batch(batch: Mapping[str, torch.Tensor], rank: int, sp: int, *, pad: b
     Returns ``input_ids``, ``position_ids`` (global) and ``shift_labels``, each (B, S'/sp) where S' is S, or S
     rounded up to a multiple of ``sp`` when ``pad=True``. Pass the result to ``mst.distributed.sp_loss``.
     """
-    if not isinstance(sp, int) or sp < 1 or not isinstance(rank, int) or not 0 <= rank < sp:
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, sp)) or sp < 1 or not 0 <= rank < sp:
         raise ValueError(f"need 0 <= rank < sp with integers, got rank={rank!r}, sp={sp!r}")
     unknown = set(batch) - {"input_ids", "labels", "shift_labels", "position_ids", "attention_mask"}
     if unknown:

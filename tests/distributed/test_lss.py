@@ -47,9 +47,10 @@ def test_prediction_scales_as_documented() -> None:
     lss = {sp: predict_step("lss", sp=sp, **shape) for sp in (2, 4)}
     gather = lambda p, op: p[op]["wire_bytes"]  # noqa: E731
     # LSS: each rank receives (P-1) segments of [K; V]: 1024/2 * 1 vs 1024/4 * 3 tokens,
-    # x (2 + 2 kv heads) x 16 dims x 4 B x 2 layers: more per rank with more ranks at a fixed sequence
-    assert gather(lss[2], "all_gather_into_tensor") == 512 * 4 * 16 * 4 * 2
-    assert gather(lss[4], "all_gather_into_tensor") == 768 * 4 * 16 * 4 * 2
+    # x (2 + 2 kv heads) x 16 dims x 4 B x 2 layers: more per rank with more ranks at a fixed sequence;
+    # plus the shard-shape check, (P-1) ranks' two int64
+    assert gather(lss[2], "all_gather_into_tensor") == 512 * 4 * 16 * 4 * 2 + 1 * 16
+    assert gather(lss[4], "all_gather_into_tensor") == 768 * 4 * 16 * 4 * 2 + 3 * 16
     ulysses = predict_step("ulysses", sp=4, **shape)
     assert ulysses["all_to_all_single"]["calls"] == 16  # 4 per layer forward, 4 per layer backward
 

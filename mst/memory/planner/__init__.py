@@ -7,8 +7,8 @@ activations and the largest transient, i.e. the paper's Theorems 1-3):
 Both agree with measured CPU steps (``mst.memory.measure_peak``) to well under 1 % (``tests/memory``).
 """
 from .compose import HeadProfile, LayerProfile, Plan
-from .plan import DEFAULT_RESERVE_GB, ENGINES, max_seq_len, plan
-from .spec import FAMILIES, ModelSpec, Workload
+from .plan import DEFAULT_MAX_LEN, DEFAULT_RESERVE_GB, ENGINES, MaxSeqLen, max_seq_len, plan
+from .spec import FAMILIES, Budget, ModelSpec, Workload
 
-__all__ = ["DEFAULT_RESERVE_GB", "ENGINES", "FAMILIES", "HeadProfile", "LayerProfile", "ModelSpec", "Plan",
-           "Workload", "max_seq_len", "plan"]
+__all__ = ["DEFAULT_MAX_LEN", "DEFAULT_RESERVE_GB", "ENGINES", "FAMILIES", "Budget", "HeadProfile", "LayerProfile",
+           "MaxSeqLen", "ModelSpec", "Plan", "Workload", "max_seq_len", "plan"]

@@ -27,9 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..quantization import quantized_weight_bytes
-from .spec import FP32, ModelSpec, Workload
-
-GiB = 1024 ** 3
+from .spec import FP32, Budget, GiB, ModelSpec, Workload
 
 
 @dataclass(frozen=True)
@@ -84,8 +82,10 @@ class Plan:
         return self.peak_bytes / GiB
 
     def fits(self, gpu_mem_gb: float | None = None, reserve_gb: float = 0.0) -> bool:
-        """True when the peak fits ``gpu_mem_gb`` (default: the planned one) GiB minus ``reserve_gb``."""
-        return self.peak_bytes <= ((gpu_mem_gb or self.gpu_mem_gb) - reserve_gb) * GiB
+        """True when the peak fits ``gpu_mem_gb`` (None: the planned one) GiB minus ``reserve_gb``; ValueError for
+        a card that is not one (``Budget``)."""
+        budget = Budget(self.gpu_mem_gb if gpu_mem_gb is None else gpu_mem_gb, reserve_gb)
+        return self.peak_bytes <= budget.usable_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "peak_gib": self.peak_gib}

@@ -22,10 +22,23 @@ from transformers import PretrainedConfig
 
 from .analytic import analytic_profiles
 from .compose import GiB, Plan, compose
-from .spec import ModelSpec, Workload
+from .spec import Budget, ModelSpec, Workload, check_positive_int
 
 ENGINES = ("analytic", "traced")
 DEFAULT_RESERVE_GB = 1.5  # an "80 GB" card exposes ~79.2 GiB; CUDA context + cuBLAS + fragmentation take ~1 GiB more
+DEFAULT_MAX_LEN = 1 << 23  # max_seq_len's search cap (8M tokens)
+
+
+class MaxSeqLen(int):
+    """``max_seq_len``'s answer: an int (tokens), plus ``capped``: True when nothing up to the search cap
+    ``max_len`` overflowed, so the true limit is *at least* this length (raise ``max_len`` to look further)."""
+
+    capped: bool
+
+    def __new__(cls, tokens: int, capped: bool = False) -> "MaxSeqLen":
+        value = super().__new__(cls, tokens)
+        value.capped = capped
+        return value
 
 
 def _resolve(config: PretrainedConfig | str) -> PretrainedConfig:
@@ -55,6 +68,7 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    Budget(gpu_mem_gb)  # validates the card Plan.fits will compare against
     config = _resolve(config)
     spec = ModelSpec.from_config(config)
     wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp=gpus, dtype=dtype,
@@ -83,37 +97,45 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
 def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: int = 1, gpu_mem_gb: float = 80.0,
                 reserve_gb: float = DEFAULT_RESERVE_GB, optimizer: str = "adamw",
                 dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False, engine: str = "analytic",
-                batch_size: int = 1, granularity: int = 256, max_len: int = 1 << 23, device: str = "cuda",
-                mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> int:
-    """Longest sequence (a multiple of ``granularity`` x ``gpus``) whose planned peak fits ``gpu_mem_gb`` GiB
-    minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak grows with S).
+                batch_size: int = 1, granularity: int = 256, max_len: int = DEFAULT_MAX_LEN, device: str = "cuda",
+                mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> MaxSeqLen:
+    """Longest sequence (a multiple of ``granularity`` x ``gpus``, at most ``max_len``) whose planned peak fits
+    ``gpu_mem_gb`` GiB minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak
+    grows with S). The result is an int whose ``capped`` is True when the search reached ``max_len`` without
+    overflowing: then the true limit is at least that (``MaxSeqLen``).
 
-    Raises ValueError when weights + optimizer state (+ resident gradients) alone exceed the budget.
+    Raises ValueError for nonsense numbers (``Budget``, ``Workload``, granularity / max_len not positive integers,
+    max_len below one step) and when weights + optimizer state (+ resident gradients) alone exceed the budget.
     """
-    if granularity <= 0 or gpu_mem_gb <= 0:
-        raise ValueError(f"granularity and gpu_mem_gb must be positive, got {granularity}, {gpu_mem_gb}")
-    budget = (gpu_mem_gb - reserve_gb) * GiB
+    budget = Budget(gpu_mem_gb, reserve_gb)
+    check_positive_int("granularity", granularity)
+    check_positive_int("max_len", max_len)
+    check_positive_int("sp (gpus)", gpus)
     step = granularity * gpus
+    if max_len < step:
+        raise ValueError(f"max_len {max_len} is less than one search step of {step} tokens (granularity x gpus)")
     kwargs = dict(gpus=gpus, gpu_mem_gb=gpu_mem_gb, optimizer=optimizer, dtype=dtype,
                   grad_accumulation=grad_accumulation, engine=engine, batch_size=batch_size, device=device,
                   mst_options=mst_options, quantization=quantization, lora_rank=lora_rank)
     config = _resolve(config)
+
+    def fits(granules: int) -> bool:
+        return plan(config, granules * step, strategy, **kwargs).peak_bytes <= budget.usable_bytes
+
     first = plan(config, step, strategy, **kwargs)
     static = first.breakdown["weights"] + first.breakdown["optimizer_state"] + (
         first.breakdown["gradients"] if grad_accumulation else 0)
-    if static > budget:
+    if static > budget.usable_bytes:
         raise ValueError(f"weights and optimizer state alone need {static / GiB:.1f} GiB, more than the "
                          f"{gpu_mem_gb - reserve_gb:.1f} GiB budget ({gpu_mem_gb} GiB - {reserve_gb} GiB reserve)")
-    if first.peak_bytes > budget:
-        return 0
-    lo, hi = 1, 2  # in granules
-    while hi * step <= max_len and plan(config, hi * step, strategy, **kwargs).peak_bytes <= budget:
+    if first.peak_bytes > budget.usable_bytes:
+        return MaxSeqLen(0)
+    most = max_len // step  # granules under the cap
+    lo, hi = 1, 2
+    while hi <= most and fits(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, max_len // step + 1)
+    hi = min(hi, most + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if plan(config, mid * step, strategy, **kwargs).peak_bytes <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return lo * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return MaxSeqLen(lo * step, capped=lo == most)

@@ -3,11 +3,17 @@
 ``ModelSpec`` is the handful of shapes every memory term is a function of (d, I, L, heads, KV heads, head_dim, V,
 tied embeddings, and the Gemma-2 differences), plus exact parameter counts. ``Workload`` is one training step:
 sequence length, batch, Ulysses sequence-parallel size, dtype, strategy, optimizer, gradient accumulation, and the
-device whose allocator conventions apply. Both are plain frozen dataclasses so plans can be cached and compared.
+device whose allocator conventions apply. ``Budget`` is the card: its memory and the reserve kept free. All three
+are plain frozen dataclasses so plans can be cached and compared, and each validates its numbers on construction:
+every planner entry point (``plan``, ``max_seq_len``, ``Plan.fits``, the CLI) builds them, so nonsense (NaN, a
+negative layer count, a reserve larger than the card) is a ``ValueError`` instead of a confident wrong plan.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from transformers import PretrainedConfig
@@ -20,6 +26,38 @@ from ..strategies import OPTIMIZERS, STRATEGIES
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
 FP32 = 4  # bytes: RMSNorm statistics, loss logits and the chunked LM head's gradient accumulator are fp32
 INT64 = 8
+GiB = 1024 ** 3
+# ModelSpec field -> the HF config key it is read from (error messages name the key a user can fix)
+CONFIG_SIZES = {"hidden": "hidden_size", "intermediate": "intermediate_size", "layers": "num_hidden_layers",
+                "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                "vocab": "vocab_size"}
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ValueError unless ``value`` is a positive integer; bools, floats (even 4096.0) and strings are refused,
+    since every size and count the planner multiplies by must be a whole number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config_sizes(values: Mapping[str, Any]) -> None:
+    """ModelSpec's shape rules on raw HF config values (``CONFIG_SIZES`` keys and ``final_logit_softcapping``;
+    absent or None keys are skipped, HF fills them in). Also run on a config.json before transformers builds it,
+    because transformers' own checks divide by the head count (ZeroDivisionError for 0 heads)."""
+    for key in CONFIG_SIZES.values():
+        if values.get(key) is not None:
+            check_positive_int(key, values[key])
+    heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads}): "
+                         "each KV head serves a whole group of query heads")
+    cap = values.get("final_logit_softcapping")
+    if cap is not None and not (_is_finite(cap) and cap > 0):
+        raise ValueError(f"final_logit_softcapping must be a positive finite number or None, got {cap!r}")
 
 
 @dataclass(frozen=True)
@@ -41,17 +79,31 @@ class ModelSpec:
     gemma: bool  # Gemma-2: 4 RMSNorms per layer computed in fp32 as x * (1 + w), embeddings scaled by sqrt(d)
     final_softcap: float | None  # Gemma-2 final-logit softcapping (vanilla HF builds 3 extra S x V tensors)
 
+    def __post_init__(self) -> None:
+        for name, key in CONFIG_SIZES.items():  # unlike a raw config, a spec has no None left to default
+            check_positive_int(key, getattr(self, name))
+        check_config_sizes({key: getattr(self, name) for name, key in CONFIG_SIZES.items()}
+                           | {"final_logit_softcapping": self.final_softcap})  # head grouping, softcap
+
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> "ModelSpec":
+        """The spec of an HF config; ValueError for other families and for sizes that are not positive integers.
+
+        Missing ``head_dim`` / ``num_key_value_heads`` (None) follow HF's defaults (d / heads, heads); explicit
+        zeros are errors, not defaults.
+        """
         model_type = getattr(config, "model_type", "?")
         if model_type not in FAMILIES:
             raise ValueError(f"the memory planner models {', '.join(FAMILIES)}; got model_type {model_type!r}")
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        check_positive_int("hidden_size", hidden)  # both are needed to derive head_dim below
+        check_positive_int("num_attention_heads", heads)
+        head_dim = getattr(config, "head_dim", None)
+        kv_heads = getattr(config, "num_key_value_heads", None)
         attention_bias = bool(getattr(config, "attention_bias", False))
-        return cls(model_type=model_type, hidden=config.hidden_size, intermediate=config.intermediate_size,
-                   layers=config.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        return cls(model_type=model_type, hidden=hidden, intermediate=config.intermediate_size,
+                   layers=config.num_hidden_layers, heads=heads, kv_heads=heads if kv_heads is None else kv_heads,
+                   head_dim=hidden // heads if head_dim is None else head_dim,
                    vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
                    attn_bias=attention_bias or model_type == "qwen2", out_bias=attention_bias,
                    mlp_bias=bool(getattr(config, "mlp_bias", False)), gemma=model_type == "gemma2",
@@ -134,15 +186,14 @@ class Workload:
     quantization: str | None = None  # "int8" | "nf4": frozen k-bit projections + LoRA (mst.memory.quantization)
     lora_rank: int = 16
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        for name in ("seq_len", "batch_size", "sp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, label in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("sp", "sp (gpus)"),
+                            ("lora_rank", "lora_rank")):
+            check_positive_int(label, getattr(self, name))
         if self.seq_len % self.sp:
             raise ValueError(f"seq_len {self.seq_len} is not divisible by the sequence-parallel size {self.sp}")
         if self.device not in ("cuda", "cpu"):
@@ -188,6 +239,28 @@ class Workload:
         if spec.heads % self.sp or spec.kv_heads % self.sp:
             raise ValueError(f"sequence-parallel size {self.sp} must divide the attention heads ({spec.heads}) "
                              f"and the KV heads ({spec.kv_heads})")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The card a plan is for: ``gpu_mem_gb`` GiB, of which ``reserve_gb`` stay free (CUDA context, cuBLAS
+    workspaces, fragmentation). Validated here, so NaN or a negative reserve cannot make a budget larger than the
+    card or a search that silently stops at its first step."""
+
+    gpu_mem_gb: float = 80.0
+    reserve_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (_is_finite(self.gpu_mem_gb) and self.gpu_mem_gb > 0):
+            raise ValueError(f"gpu_mem_gb must be a positive finite number, got {self.gpu_mem_gb!r}")
+        if not (_is_finite(self.reserve_gb) and 0 <= self.reserve_gb < self.gpu_mem_gb):
+            raise ValueError(f"reserve_gb must be a finite number from 0 to less than gpu_mem_gb "
+                             f"({self.gpu_mem_gb:g}), got {self.reserve_gb!r}")
+
+    @property
+    def usable_bytes(self) -> float:
+        """What a step's planned peak may reach."""
+        return (self.gpu_mem_gb - self.reserve_gb) * GiB
 
 
 def lm_head_chunk(spec: ModelSpec, tokens: int) -> int:
