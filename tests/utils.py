@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig,
+                          PreTrainedModel)
 
 import mst
 from mst.integrations import FAMILIES
@@ -223,3 +224,34 @@ def saved_tensor_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.T
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return result, sum(storages.values()), largest[0]
+
+
+# tiny multimodal wrappers (vision tower + projector + language model, lm_head on the wrapper), built offline: the
+# text side has the same tiny shape as ``tiny_model``; 16 x 16 images in 8 x 8 patches give 4 image tokens
+MULTIMODAL_TYPES = ("gemma3", "llava", "paligemma")
+IMAGE_TOKEN = VOCAB - 1  # Gemma-3 also reserves VOCAB - 3 and VOCAB - 2 (begin / end of image)
+TEXT_VOCAB = VOCAB - 3  # make_input_ids(..., vocab=TEXT_VOCAB) draws no image token
+IMAGE_TOKENS_PER_IMAGE = 4
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                   patch_size=8)
+MULTIMODAL_PARTS = {"gemma3": ("gemma3_text", "siglip_vision_model", {"final_logit_softcapping": None}),
+                    "llava": ("llama", "clip_vision_model", {}),
+                    "paligemma": ("gemma2", "siglip_vision_model", {})}
+
+
+def tiny_multimodal_model(model_type: str, *, seed: int = 0, text_type: str | None = None,
+                          **text_overrides) -> PreTrainedModel:
+    """A randomly initialised tiny ``*ForConditionalGeneration`` in train mode: "gemma3" (Gemma-3 text + SigLIP),
+    "llava" (Llama + CLIP) or "paligemma" (Gemma-2 text with a final-logit softcap of 1, i.e. PaliGemma-2, + SigLIP);
+    ``text_type`` replaces the language model's family (Llava takes any), ``text_overrides`` go to its config."""
+    default_text, vision_type, text_defaults = MULTIMODAL_PARTS[model_type]
+    text_defaults = text_defaults if text_type in (None, default_text) else {}
+    text = tiny_config(text_type or default_text, **{**text_defaults, **text_overrides})
+    vision = AutoConfig.for_model(vision_type, **TINY_VISION)
+    extra = {"gemma3": {"mm_tokens_per_image": IMAGE_TOKENS_PER_IMAGE, "boi_token_index": VOCAB - 3,
+                        "eoi_token_index": VOCAB - 2},
+             "paligemma": {"projection_dim": text.hidden_size}}.get(model_type, {})
+    cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN,
+                               **extra)
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(cfg).train()

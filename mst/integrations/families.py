@@ -1,9 +1,13 @@
 """Which HF causal-LM families MsT supports, as data (one row per ``config.model_type``).
 
 A row says where the decoder layers and their MLPs live and how the final logits are post-processed, so that
-``mst.apply`` needs no per-family code. Families outside the table are accepted when their MLPs have the gated
-``gate_proj``/``up_proj``/``down_proj`` (or fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``, and
-their config sets none of the known logit post-processing attributes (``LOGIT_POSTPROCESSING_ATTRS``).
+``mst.apply`` needs no per-family code. Config attributes are read from the text config (``text_config``), and a
+multimodal wrapper outside the table uses its language model's row, so PaliGemma-2 (whose softcap lives in
+``config.text_config``) is read like Gemma-2.
+Families outside the table are accepted when their MLPs have the gated ``gate_proj``/``up_proj``/``down_proj`` (or
+fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``, and their configs set none of the known logit
+post-processing attributes (``LOGIT_POSTPROCESSING_ATTRS``); ``mst.apply`` then also checks their loss against the
+model's own at apply time, since no list can name every way a forward rescales its logits.
 """
 from __future__ import annotations
 
@@ -42,6 +46,13 @@ LOGIT_POSTPROCESSING_ATTRS = {"logit_scale": (None, 1.0), "logits_scaling": (Non
 GATED_MLP_SHAPES = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
 
 
+def text_config(config: object) -> object:
+    """The config of the text decoder: ``config`` itself for a plain causal LM, the nested text config of a
+    multimodal wrapper (whose top level may lack ``hidden_size`` or, as PaliGemma's, carry an unrelated one)."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
     """True for a dense, token-wise gated MLP (the shape MsT chunks): Linear projections named as in HF."""
     return any(all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
@@ -49,12 +60,16 @@ def is_gated_mlp(module: nn.Module) -> bool:
 
 
 def family_of(model_type: str, layers: nn.ModuleList | None, config: object = None) -> Family:
-    """The family row for ``model_type``, or a generic row when every layer has a gated MLP and ``config`` does not
-    post-process the logits; else ValueError."""
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
-    postprocessing = {name: getattr(config, name) for name, neutral in LOGIT_POSTPROCESSING_ATTRS.items()
-                      if getattr(config, name, None) not in neutral}
+    """The family row for ``model_type``; for a multimodal wrapper outside the table, its language model's row (by
+    the text config's ``model_type``: PaliGemma-2 reads Gemma-2's softcap, now from ``config.text_config``); else a
+    generic row when every layer has a gated MLP and neither ``config`` nor its text config post-processes the
+    logits; else ValueError."""
+    row = FAMILIES.get(model_type) or FAMILIES.get(getattr(text_config(config), "model_type", None))
+    if row is not None:
+        return row
+    postprocessing = {name: getattr(cfg, name) for cfg in (config, text_config(config))
+                      for name, neutral in LOGIT_POSTPROCESSING_ATTRS.items()
+                      if getattr(cfg, name, None) not in neutral}
     if postprocessing:
         raise ValueError(
             f"mst.apply: model_type {model_type!r} is not in the supported families and post-processes its logits "

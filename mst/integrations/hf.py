@@ -4,25 +4,40 @@ What it changes, in place (idempotent; ``mst.revert`` undoes it):
 1. every decoder layer's MLP ``forward`` runs through ``mini_sequence_mlp`` (saves only its input);
 2. the model's ``forward``: with ``labels``, the decoder runs as usual but the LM-head + loss run through
    ``chunked_lm_head_loss`` and the returned ``logits`` is ``None`` (the point is never to build S x V logits);
+   a head that is not a plain ``nn.Linear`` (a LoRA adapter, a custom forward, a hook) runs itself, chunk by chunk,
+   through ``chunked_module_lm_head_loss``, so whatever the unpatched model computes is what mst computes;
    without labels the original forward runs untouched, so ``generate()`` and evaluation see normal logits;
 3. activation checkpointing of every decoder layer (HF's non-reentrant checkpoint), optionally with the
-   checkpointed layer inputs offloaded to CPU (``mst.memory.offload``).
+   checkpointed layer inputs offloaded to CPU (``mst.memory.offload``); ``revert`` restores the user's own state.
 
 Why hook this way: we call the model's own forward with ``logits_to_keep`` = an empty index, so HF computes
 logits for zero positions (no memory) while a forward hook on the decoder hands us the final hidden states. No
 family's forward is copied, so attention masks, rotary embeddings, kwargs and future HF changes stay HF's.
+
+Each patched forward is a small object stored on the module it patches and holding that module (``_MLPForward``,
+``_CausalLMForward``), not a closure: ``copy.deepcopy`` (TRL's reference model, EMA copies) maps it to the copy's
+own module, and ``torch.save`` / pickle store it with the model. ``torch.compile`` wrappers are patched through to
+the module they compile; multimodal ``*ForConditionalGeneration`` models through their text config and language
+model. A family outside ``FAMILIES`` is checked at apply time against the model's own loss (``_check_exact``).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as nn_module
+from torch.utils.checkpoint import checkpoint
 
-from ..ops import chunked_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens
-from .families import Family, family_of
+from ..ops import (chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp,
+                   resolve_chunk_tokens)
+from .families import FAMILIES, Family, family_of, text_config
+
+PROBE_TOKENS = 8  # tokens of the apply-time exactness check of families outside the table
 
 
 @dataclass(frozen=True)
@@ -41,72 +56,65 @@ class MsTOptions:
     checkpointing: bool = True
     offload_checkpoints: bool = False
 
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return getattr(decoder, "layers", None)
-
-
-def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList]:
-    if not hasattr(model, "config") or not hasattr(model, "get_decoder") or not hasattr(model, "lm_head"):
-        raise ValueError(f"mst.apply expects a Hugging Face *ForCausalLM model with .lm_head and .get_decoder(); "
-                         f"got {type(model).__name__}")
-    layers = _decoder_layers(model)
-    family = family_of(getattr(model.config, "model_type", "?"), layers, model.config)
-    if layers is None:
-        raise ValueError(f"mst.apply: {type(model).__name__} has no decoder layers at get_decoder().layers")
-    for name in ("mlp_chunk_tokens", "mlp_chunks", "lm_head_chunk_tokens", "lm_head_chunks",
-                 "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows"):
-        value = getattr(opts, name)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"mst.apply: {name} must be a positive integer, got {value!r}")
-    if opts.mlp_chunk_tokens is not None and opts.mlp_chunks is not None:
-        raise ValueError("mst.apply: give mlp_chunk_tokens or mlp_chunks, not both")
-    if sum(v is not None for v in (opts.lm_head_chunk_tokens, opts.lm_head_chunks,
-                                   opts.lm_head_logits_budget_bytes)) > 1:
-        raise ValueError("mst.apply: give at most one of lm_head_chunk_tokens, lm_head_chunks, "
-                         "lm_head_logits_budget_bytes")
-    if opts.mlp_mode not in ("recompute", "naive"):
-        raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
-    if opts.lm_head and getattr(model.lm_head, "weight", None) is None:
-        raise ValueError("mst.apply: lm_head has no .weight (quantized or custom head?); pass lm_head=False")
-    return family, layers
+    def __post_init__(self) -> None:
+        """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
+        is truthy, so ``mlp_chunk_tokens=True`` or ``checkpointing="no"`` would otherwise pass as other options."""
+        for name, hint in typing.get_type_hints(MsTOptions).items():
+            value = getattr(self, name)
+            allowed = typing.get_args(hint) or (hint,)  # `int | None` -> (int, NoneType)
+            if not any(isinstance(value, t) and (t is bool or not isinstance(value, bool)) for t in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise TypeError(f"mst.apply: {name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def _patch_mlp(mlp: nn.Module, hidden_size: int, opts: MsTOptions) -> None:
-    original = type(mlp).forward.__get__(mlp)  # the class forward: revert is `del mlp.forward`
+class _Patch:
+    """A patched ``forward`` stored on ``module``; ``__wrapped__`` is the class forward it replaces, so
+    ``inspect.signature`` (used by HF's Trainer and ``generate``) sees the original parameters."""
 
-    def token_fn(x: torch.Tensor) -> torch.Tensor:
-        return original(x)
+    def __init__(self, module: nn.Module, opts: MsTOptions):
+        self.module, self.opts = module, opts
 
-    @functools.wraps(original)
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    @property
+    def __wrapped__(self) -> Callable:
+        return type(self.module).forward.__get__(self.module)
+
+    def original(self, *args, **kwargs):
+        """The class forward, called as a plain function: under ``torch.compile`` a bound ``module.forward`` is
+        looked up again by attribute, which would find this patch and recurse."""
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class _MLPForward(_Patch):
+    """A decoder MLP run through ``mini_sequence_mlp`` (default mini-sequence: 2d tokens, d = its input width)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1] if x.numel() else 0
-        chunk = resolve_chunk_tokens(n_tokens, opts.mlp_chunk_tokens, opts.mlp_chunks, default=default_mlp_chunk_tokens(hidden_size))
-        return mini_sequence_mlp(x, token_fn, [p for p in mlp.parameters() if p.requires_grad], chunk,
-                                 mode=opts.mlp_mode)
-
-    forward._mst_patched = True
-    mlp.forward = forward
+        chunk = resolve_chunk_tokens(n_tokens, self.opts.mlp_chunk_tokens, self.opts.mlp_chunks,
+                                     default=default_mlp_chunk_tokens(x.shape[-1]))
+        return mini_sequence_mlp(x, self.original, [p for p in self.module.parameters() if p.requires_grad],
+                                 chunk, mode=self.opts.mlp_mode)
 
 
-def _patch_causal_lm(model: nn.Module, family: Family, opts: MsTOptions) -> None:
-    original = type(model).forward.__get__(model)
-    cfg = model.config
-    softcap = getattr(cfg, family.softcap_attr, None) if family.softcap_attr else None
-    logit_scale = getattr(cfg, family.logit_scale_attr, None) if family.logit_scale_attr else None
+class _CausalLMForward(_Patch):
+    """The model's forward; with labels, its LM head + loss by chunks of tokens (``logits`` = None)."""
 
-    positional = [name for name, p in inspect.signature(original).parameters.items()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    def __init__(self, module: nn.Module, opts: MsTOptions, family: Family):
+        super().__init__(module, opts)
+        self.family = family
+        self.positional = [name for name, p in inspect.signature(type(module).forward).parameters.items()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # without `self`
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        kwargs.update(zip(positional, args))  # bind positionals by name so `labels` is found wherever passed
+    def __call__(self, *args, **kwargs):
+        model, original, opts = self.module, self.original, self.opts
+        kwargs.update(zip(self.positional, args))  # bind positionals by name so `labels` is found wherever passed
         labels = kwargs.pop("labels", None)
         shift_labels = kwargs.pop("shift_labels", None)
         if labels is None and shift_labels is None:
             return original(**kwargs)
         num_items = kwargs.get("num_items_in_batch")
+        if num_items is not None and not torch.is_tensor(num_items):
+            # HF divides the summed loss by it as a tensor (inf / nan for 0); the op would divide in Python
+            num_items = torch.tensor(num_items)
         ignore_index = kwargs.pop("ignore_index", -100)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
@@ -122,49 +130,178 @@ def _patch_causal_lm(model: nn.Module, family: Family, opts: MsTOptions) -> None
         finally:
             hook.remove()
         hidden = captured["h"]
-        if shift_labels is None:  # same shift as HF's ForCausalLMLoss: tokens < n predict n
+        if shift_labels is None:  # same shift as HF's ForCausalLMLoss: along the labels' last dim, tokens < n predict n
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        head = model.lm_head
-        loss = chunked_lm_head_loss(
-            hidden, head.weight, shift_labels.to(hidden.device), bias=getattr(head, "bias", None),
-            chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,
-            logits_budget_bytes=opts.lm_head_logits_budget_bytes, ignore_index=ignore_index,
-            weight_grad_block_rows=opts.lm_head_weight_grad_block_rows,
-            num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap)
+        if shift_labels.numel() != hidden.shape[:-1].numel():
+            raise ValueError(f"mst: labels of shape {tuple(shift_labels.shape)} do not match the "
+                             f"{tuple(hidden.shape[:-1])} tokens of the input")
+        cfg = text_config(model.config)  # read per call: a config edited after apply is honoured, as by HF
+        softcap = getattr(cfg, self.family.softcap_attr, None) if self.family.softcap_attr else None
+        logit_scale = getattr(cfg, self.family.logit_scale_attr, None) if self.family.logit_scale_attr else None
+        head = model.lm_head  # read per call: PEFT may replace it after apply
+        labels = shift_labels.reshape(hidden.shape[:-1]).to(hidden.device)  # HF flattens both
+        common = dict(chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,
+                      logits_budget_bytes=opts.lm_head_logits_budget_bytes, ignore_index=ignore_index,
+                      num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap)
+        if _head_is_plain(head):  # the fast path: gradients formed in the forward from the weight itself
+            loss = chunked_lm_head_loss(hidden, head.weight, labels, bias=head.bias,
+                                        weight_grad_block_rows=opts.lm_head_weight_grad_block_rows, **common)
+        else:  # LoRA, a custom forward or a hook: run the module itself, chunk by chunk, recomputed in backward
+            loss = chunked_module_lm_head_loss(hidden, head, [p for p in head.parameters() if p.requires_grad],
+                                               labels, vocab_size=head.weight.shape[0], **common)
         # rebuilt rather than assigned: a ModelOutput keeps keys in creation order and ignores `= None`, so this is
         # the only way to get HF's layout (loss first for out[0] / to_tuple(), no empty logits left behind)
         result = type(out)(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
         return result if return_dict else result.to_tuple()
 
-    forward._mst_patched = True
-    model.forward = forward
+
+def _head_is_plain(head: nn.Module) -> bool:
+    """True when calling ``head`` is exactly ``x @ head.weight.T + head.bias``, which the weight-based chunked loss
+    reproduces: no subclass or instance forward (LoRA, quantized layers), and no hook on it or on every module that
+    would change its output or gradients."""
+    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks,
+             nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
+             nn_module._global_backward_hooks, nn_module._global_backward_pre_hooks)
+    return (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+            and "forward" not in head.__dict__ and not any(hooks))
 
 
-def _enable_checkpointing(model: nn.Module, offload: bool) -> None:
-    # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles (its forward calls that module, which carries the patch)."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return getattr(decoder, "layers", None)
+
+
+def _checkpointable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules HF checkpoints: those carrying a ``gradient_checkpointing`` flag."""
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList]:
+    if not hasattr(model, "config") or not hasattr(model, "get_decoder") or not hasattr(model, "lm_head"):
+        raise ValueError(f"mst.apply expects a Hugging Face *ForCausalLM (or *ForConditionalGeneration) model with "
+                         f".lm_head and .get_decoder(); got {type(model).__name__} (for DDP / FSDP / PEFT wrappers, "
+                         "apply it to the Hugging Face model inside, before wrapping)")
+    layers = _decoder_layers(model)
+    family = family_of(getattr(model.config, "model_type", "?"), layers, model.config)
+    if layers is None:
+        raise ValueError(f"mst.apply: {type(model).__name__} has no decoder layers at get_decoder().layers")
+    for name in ("mlp_chunk_tokens", "mlp_chunks", "lm_head_chunk_tokens", "lm_head_chunks",
+                 "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows"):
+        value = getattr(opts, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"mst.apply: {name} must be a positive integer, got {value!r}")
+    if opts.mlp_chunk_tokens is not None and opts.mlp_chunks is not None:
+        raise ValueError("mst.apply: give mlp_chunk_tokens or mlp_chunks, not both")
+    if sum(v is not None for v in (opts.lm_head_chunk_tokens, opts.lm_head_chunks,
+                                   opts.lm_head_logits_budget_bytes)) > 1:
+        raise ValueError("mst.apply: give at most one of lm_head_chunk_tokens, lm_head_chunks, "
+                         "lm_head_logits_budget_bytes")
+    if opts.mlp_mode not in ("recompute", "naive"):
+        raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
+    if opts.lm_head and getattr(model.lm_head, "weight", None) is None:
+        raise ValueError("mst.apply: lm_head has no .weight (quantized or custom head?); pass lm_head=False")
+    if opts.checkpointing and (not _checkpointable(model) or not getattr(model, "supports_gradient_checkpointing",
+                                                                            True)):
+        raise ValueError(f"mst.apply: {type(model).__name__} does not support activation checkpointing; "
+                         "pass checkpointing=False")
+    return family, layers
+
+
+def _probe_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's eval-mode loss on ``ids`` (labels = ids), leaving no trace: RNG states, train/eval flags of every
+    module and gradients are as before."""
+    modes = [(m, m.training) for m in model.modules()]
+    accelerators = sorted({p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")}, key=str)
+    device_type = accelerators[0].type if accelerators else None
+    devices = [d.index or 0 for d in accelerators if d.type == device_type]
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
+            return model.eval()(input_ids=ids, labels=ids, return_dict=True).loss.float()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _probe_ids(model: nn.Module) -> torch.Tensor:
+    """(1, PROBE_TOKENS) token ids spread over the vocabulary, avoiding every special token the configs name (an
+    image token without an image would be refused by a multimodal forward)."""
+    vocab = text_config(model.config).vocab_size
+    keep = torch.ones(vocab, dtype=torch.bool)
+    for cfg in (model.config, text_config(model.config)):
+        for key, value in cfg.to_dict().items():
+            if key.endswith(("_token_id", "_token_ids", "_token_index")):
+                for token in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(token, int) and 0 <= token < vocab:
+                        keep[token] = False
+    allowed = keep.nonzero().squeeze(1)
+    return allowed[torch.linspace(0, len(allowed) - 1, PROBE_TOKENS).long()][None].to(model.device)
+
+
+def _check_exact(model: nn.Module, ids: torch.Tensor, expected: torch.Tensor) -> None:
+    """ValueError unless the patched ``model`` gives the unpatched loss ``expected`` on ``ids`` (to rounding)."""
+    actual = _probe_loss(model, ids)
+    dtype = model.get_input_embeddings().weight.dtype
+    rtol = max(1e-4, 4 * torch.finfo(dtype if dtype.is_floating_point else torch.bfloat16).eps)
+    if not torch.isclose(actual, expected, rtol=rtol, atol=0, equal_nan=True):
+        raise ValueError(
+            f"mst.apply: model_type {model.config.model_type!r} is not in the supported families, and on a "
+            f"{PROBE_TOKENS}-token check the patched model does not reproduce its own loss ({actual.item():.6g} vs "
+            f"{expected.item():.6g}): its forward post-processes the hidden states or logits in a way MsT does not "
+            f"know. The model is left unpatched. Supported families: {', '.join(sorted(FAMILIES))}.")
+
+
+def _enable_checkpointing(model: nn.Module, offload: bool) -> tuple[tuple[str, bool | None, Callable | None], ...]:
+    """Turn on non-reentrant checkpointing in every module HF checkpoints; return their previous state as
+    (name, flag, function), None for "not set on the instance", for ``revert``.
+
+    Set directly rather than by HF's ``activation_checkpointing_enable``: that also hooks a local function on the
+    input embeddings (needed by reentrant checkpointing only) which makes the model unpicklable and which its
+    ``disable`` leaves in place."""
+    modules = _checkpointable(model)
+    before = tuple((name, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
+                   for name, m in modules)
+    func = functools.partial(checkpoint, use_reentrant=False)
     if offload:
         from ..memory.offload import offloading_checkpoint  # memory builds on integrations, imported lazily
-        for module in model.modules():
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            if func is not None and not getattr(func, "_mst_offload", False):
-                module._gradient_checkpointing_func = offloading_checkpoint(func)
+        func = offloading_checkpoint(func)
+    for _, m in modules:
+        m.gradient_checkpointing, m._gradient_checkpointing_func = True, func
+    return before
+
+
+def _restore_checkpointing(model: nn.Module, before: tuple[tuple[str, bool | None, Callable | None], ...]) -> None:
+    for name, flag, func in before:
+        module = model.get_submodule(name)
+        for attr, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", func)):
+            if value is None:
+                module.__dict__.pop(attr, None)
+            else:
+                setattr(module, attr, value)
+
+
+def _remove_patches(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _Patch):
+            del module.forward
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``mst.apply``: restore class forwards and turn checkpointing off if apply turned it on."""
-    opts = getattr(model, "mst_options", None)
-    if opts is None:
+    """Undo ``mst.apply``: restore class forwards and the checkpointing state the model had before ``apply``."""
+    target = _unwrap(model)
+    if getattr(target, "mst_options", None) is None:
         return model
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "_mst_patched", False):
-            del module.forward
-    if opts.checkpointing:
-        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    del model.mst_options
+    _remove_patches(target)
+    before = target.__dict__.pop("_mst_checkpointing_before", None)
+    if before is not None:
+        _restore_checkpointing(target, before)
+    del target.mst_options
     return model
 
 
@@ -182,32 +319,50 @@ def apply(model: nn.Module, **options) -> nn.Module:
           rows at a time, instead of a V x d fp32 accumulator (-2.1 GB for Llama3-8B; one more logits matmul).
       checkpointing (bool): activation checkpointing of every decoder layer (default True; needs model.train()).
       offload_checkpoints (bool): keep the checkpointed layer inputs on CPU between forward and backward.
+    A wrong type (``checkpointing="no"``, ``mlp_chunk_tokens=True``) raises TypeError.
 
     With labels, ``model(...)`` returns the exact loss and ``logits=None``; without labels, normal logits.
     Pre-shifted ``shift_labels=`` alone also yields the loss (unlike HF, which then computes none): sequence
     parallelism shifts labels before sharding and passes only those.
-    Calling apply again replaces the options (it never stacks patches).
+    ``model`` may be a ``torch.compile`` wrapper (the compiled module is patched; the wrapper is returned) or a
+    multimodal ``*ForConditionalGeneration`` (its language model is patched, the vision tower is not).
+    A ``model_type`` outside ``FAMILIES`` is checked on a few tokens against its own loss; a mismatch raises
+    ValueError and leaves the model as it was. Calling apply again replaces the options (it never stacks patches).
     """
     unknown = set(options) - set(MsTOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"mst.apply: unknown option(s) {sorted(unknown)}; valid: "
                         f"{sorted(MsTOptions.__dataclass_fields__)}")
     opts = MsTOptions(**options)
-    family, layers = _validate(model, opts)
-    revert(model)
-    hidden_size = model.config.hidden_size
+    target = _unwrap(model)
+    family, layers = _validate(target, opts)
+    previous = getattr(target, "mst_options", None)
+    revert(target)
+    check = (opts.mlp or opts.lm_head) and getattr(target.config, "model_type", None) not in FAMILIES
+    if check:
+        ids = _probe_ids(target)
+        expected = _probe_loss(target, ids)
     if opts.mlp:
         for layer in layers:
-            _patch_mlp(getattr(layer, family.mlp_attr), hidden_size, opts)
+            mlp = getattr(layer, family.mlp_attr)
+            mlp.forward = _MLPForward(mlp, opts)
     if opts.lm_head:
-        _patch_causal_lm(model, family, opts)
+        target.forward = _CausalLMForward(target, opts, family)
+    if check:
+        try:
+            _check_exact(target, ids, expected)
+        except ValueError:
+            _remove_patches(target)
+            if previous is not None:  # a re-apply that fails keeps the patch the model had
+                apply(target, **asdict(previous))
+            raise
     if opts.checkpointing:
-        _enable_checkpointing(model, opts.offload_checkpoints)
-    model.mst_options = opts
+        target._mst_checkpointing_before = _enable_checkpointing(target, opts.offload_checkpoints)
+    target.mst_options = opts
     return model
 
 
 def options_dict(model: nn.Module) -> dict:
     """The options ``mst.apply`` was called with (for logging), or {} for an unpatched model."""
-    opts = getattr(model, "mst_options", None)
+    opts = getattr(_unwrap(model), "mst_options", None)
     return asdict(opts) if opts is not None else {}

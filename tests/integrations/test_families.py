@@ -1,14 +1,18 @@
-"""Which models ``mst.apply`` accepts: the FAMILIES table, shape-generic gated-MLP models outside it, and clear
-ValueErrors (naming the supported families) for everything it could not patch exactly."""
+"""Which models ``mst.apply`` accepts: the FAMILIES table, shape-generic gated-MLP models outside it (checked at
+apply time against their own loss), and clear ValueErrors (naming the supported families) for everything it could
+not patch exactly."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import mst
-from mst.integrations import FAMILIES, is_gated_mlp
-from tests.utils import GENERIC_FAMILY, assert_same_step, make_input_ids, make_labels, patched_pair, tiny_model
+from mst.integrations import FAMILIES, is_gated_mlp, options_dict
+from tests.utils import (GENERIC_FAMILY, MLP_CHUNK, TEXT_VOCAB, assert_same_step, clone_model, make_input_ids,
+                         make_labels, patched_pair, tiny_config, tiny_model, tiny_multimodal_model)
 
 
 def test_table_lists_the_paper_families():
@@ -71,3 +75,101 @@ def test_head_without_weight_raises():
     mst.apply(model, lm_head=False)  # the MLP part alone is still possible
     with torch.no_grad():
         model.eval()(input_ids=make_input_ids(1, 5))
+
+
+class ScaledLogitsConfig(LlamaConfig):
+    model_type = "mst_test_scaled_logits"
+
+
+class ScaledLogitsForCausalLM(LlamaForCausalLM):
+    """A family outside the table that multiplies its logits by a config attribute no list knows (as muP models do
+    with e.g. ``logits_mup_width_multiplier``), and draws a random number in every forward (as noisy models do)."""
+
+    config_class = ScaledLogitsConfig
+
+    def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+        torch.rand(1)
+        out = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        logits = out.logits * self.config.logits_mup_width_multiplier
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+def scaled_logits_model(multiplier: float) -> ScaledLogitsForCausalLM:
+    torch.manual_seed(0)
+    base = {k: v for k, v in tiny_config("llama").to_dict().items() if k != "model_type"}
+    cfg = ScaledLogitsConfig(**base, logits_mup_width_multiplier=multiplier)
+    return ScaledLogitsForCausalLM(cfg).train()
+
+
+def model_state(model) -> dict:
+    """What a refused or checked apply must leave as it was: forwards, modes, checkpointing, gradients, RNG."""
+    return {"patched": [n for n, m in model.named_modules() if "forward" in m.__dict__],
+            "training": [m.training for m in model.modules()],
+            "checkpointing": model.is_gradient_checkpointing,
+            "grads": [p.grad for p in model.parameters() if p.grad is not None],
+            "options": getattr(model, "mst_options", None),
+            "rng": torch.get_rng_state()}
+
+
+def test_unknown_family_with_unlisted_logit_scaling_is_refused():
+    """The generic path checks itself at apply time against the model's own loss on a few tokens."""
+    model = scaled_logits_model(4.0)
+    model.model.layers[0].eval()  # a mixed train/eval state must come back as it was
+    before = model_state(model)
+    with pytest.raises(ValueError, match="mst_test_scaled_logits.*does not reproduce"):
+        mst.apply(model)
+    after = model_state(model)
+    assert torch.equal(after.pop("rng"), before.pop("rng"))
+    assert after == before
+
+
+def test_unknown_family_that_checks_out_is_exact():
+    model = scaled_logits_model(1.0)
+    before = model_state(model)
+    got = mst.apply(clone_model(model), mlp_chunk_tokens=MLP_CHUNK)
+    mst.apply(model)  # the check itself leaves no trace: no RNG draw, no gradient, modes restored
+    after = model_state(model)
+    assert torch.equal(after.pop("rng"), before.pop("rng"))
+    assert after["grads"] == [] and after["training"] == before["training"]
+    ids = make_input_ids(2, 40)
+    assert_same_step(scaled_logits_model(1.0), got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+def test_refused_reapply_keeps_the_previous_patch():
+    model = mst.apply(scaled_logits_model(4.0), lm_head=False)  # MLPs only: HF still makes the logits
+    with pytest.raises(ValueError, match="does not reproduce"):
+        mst.apply(model)
+    assert options_dict(model)["lm_head"] is False
+    assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == ["model.layers.0.mlp",
+                                                                                "model.layers.1.mlp"]
+    assert model.is_gradient_checkpointing
+
+
+def test_generic_multimodal_reads_post_processing_from_the_text_config():
+    """The post-processing attributes are read from the nested text config too, not only the top-level config."""
+    model = tiny_multimodal_model("llava", text_type=GENERIC_FAMILY, final_logit_softcapping=1.0)
+    assert getattr(model.config, "final_logit_softcapping", None) is None
+    with pytest.raises(ValueError, match="'llava'.*final_logit_softcapping"):
+        mst.apply(model)
+
+
+def test_generic_multimodal_is_checked_and_exact():
+    """A wrapper whose language model is outside the table too (Llava over OLMo-2) goes the generic, checked way."""
+    ref = tiny_multimodal_model("llava", text_type=GENERIC_FAMILY)
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=MLP_CHUNK)
+    ref.model.vision_tower.requires_grad_(False)  # text only: the vision side gets no gradient, in both alike
+    got.model.vision_tower.requires_grad_(False)
+    ref.model.multi_modal_projector.requires_grad_(False)
+    got.model.multi_modal_projector.requires_grad_(False)
+    ids = make_input_ids(2, 40, TEXT_VOCAB)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+def test_wrapper_that_ignores_its_text_rows_softcap_is_refused():
+    """Gemma-3's multimodal forward does not apply ``text_config.final_logit_softcapping`` (Gemma-3 sets none),
+    while the Gemma-3 text row would: the apply-time check catches what the row cannot know."""
+    model = tiny_multimodal_model("gemma3", final_logit_softcapping=1.0)
+    with pytest.raises(ValueError, match="'gemma3'.*does not reproduce"):
+        mst.apply(model)
+    assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == []

@@ -9,7 +9,8 @@ import torch
 
 import mst
 from mst.integrations import options_dict
-from tests.utils import assert_exact, assert_grads_close, clone_model, make_input_ids, make_labels, tiny_model
+from tests.utils import (assert_exact, assert_grads_close, assert_same_step, clone_model, make_input_ids, make_labels,
+                         tiny_model)
 
 
 def patched_modules(model) -> list[str]:
@@ -109,14 +110,61 @@ def test_revert_keeps_user_checkpointing_when_apply_did_not_enable_it():
     assert model.is_gradient_checkpointing
 
 
+def test_revert_restores_user_checkpointing_state():
+    """The user's checkpointing (on, with their own function) survives apply + revert unchanged, and apply adds no
+    hook of its own (HF's enable leaves one on the input embeddings that its disable does not remove)."""
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    before = {name: (m.gradient_checkpointing, m._gradient_checkpointing_func)
+              for name, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    hooks = {name: dict(m._forward_hooks) for name, m in model.named_modules()}
+    mst.apply(model)
+    assert all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+               for m in model.modules() if hasattr(m, "_gradient_checkpointing_func"))
+    mst.revert(model)
+    after = {name: (m.gradient_checkpointing, m._gradient_checkpointing_func)
+             for name, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
+    assert after == before
+    assert {name: dict(m._forward_hooks) for name, m in model.named_modules()} == hooks
+
+
+def test_revert_leaves_no_checkpointing_state_behind():
+    model = tiny_model("llama")
+    fresh = tiny_model("llama")
+    mst.revert(mst.apply(model))
+    for (name, m), m0 in zip(model.named_modules(), fresh.modules()):
+        assert m.__dict__.keys() == m0.__dict__.keys(), name
+        assert m._forward_hooks.keys() == m0._forward_hooks.keys(), name
+
+
 @pytest.mark.parametrize("option", ["mlp_chunk_tokens", "mlp_chunks", "lm_head_chunk_tokens", "lm_head_chunks",
-                                    "lm_head_logits_budget_bytes"])
-@pytest.mark.parametrize("value", [0, -4, 2.5])
+                                    "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows"])
+@pytest.mark.parametrize("value", [0, -4])
 def test_non_positive_chunk_raises(option, value):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=option):
         mst.apply(model, **{option: value})
     assert patched_modules(model) == []  # validation happens before anything is patched
+
+
+@pytest.mark.parametrize("option,value", [
+    ("mlp_chunk_tokens", True),  # bool is an int subclass: must not be read as 1 token
+    ("lm_head_chunks", False),
+    ("mlp_chunks", 2.5),
+    ("lm_head_chunk_tokens", "16"),
+    ("checkpointing", "no"),  # a non-empty string is truthy
+    ("mlp", 1),
+    ("lm_head", None),
+    ("offload_checkpoints", 0),
+    ("mlp_mode", None),
+])
+def test_option_of_wrong_type_raises_type_error(option, value):
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=option):
+        mst.apply(model, **{option: value})
+    with pytest.raises(TypeError, match=option):
+        mst.MsTOptions(**{option: value})
+    assert patched_modules(model) == [] and not model.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -156,3 +204,102 @@ def test_mlp_mini_sequence_count(options, n_tokens, calls):
         with torch.no_grad():
             model(input_ids=make_input_ids(2, n_tokens // 2))
     assert spy.call_count == calls * model.config.num_hidden_layers
+
+
+def test_flat_labels_for_one_row_match_vanilla():
+    """Labels shaped (S,) for a (1, S) batch: HF shifts along the labels' last dimension and flattens both sides."""
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=16)
+    ids = make_input_ids(1, 40)
+    labels = make_labels(ids, "prefix")
+    for shaped in (labels[0], labels.view(2, 20)):  # (S,), and a same-size shape HF accepts as well
+        ref.zero_grad()
+        got.zero_grad()
+        assert_same_step(ref, got, input_ids=ids, labels=shaped)
+
+
+def test_labels_of_another_size_raise_like_vanilla():
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref))
+    ids = make_input_ids(2, 10)
+    with pytest.raises(ValueError):
+        ref(input_ids=ids, labels=ids[:, :7])
+    with pytest.raises(ValueError, match="labels"):
+        got(input_ids=ids, labels=ids[:, :7])
+
+
+def test_int32_labels_raise_like_vanilla():
+    """HF's cross-entropy refuses int32 targets; MsT must not silently differ (it raises the same error)."""
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref))
+    ids = make_input_ids(1, 10)
+    with pytest.raises(RuntimeError, match="Long") as expected:
+        ref(input_ids=ids, labels=ids.int())
+    with pytest.raises(RuntimeError, match="Long") as actual:
+        got(input_ids=ids, labels=ids.int())
+    assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0)], ids=["int", "tensor"])
+@pytest.mark.parametrize("kind", ["prefix", "none"])  # sum > 0 gives inf, sum = 0 gives nan
+def test_zero_num_items_in_batch_matches_vanilla(num_items, kind):
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref))
+    ids = make_input_ids(2, 20)
+    labels = make_labels(ids, kind)
+    expected = ref(input_ids=ids, labels=labels, num_items_in_batch=num_items).loss
+    actual = got(input_ids=ids, labels=labels, num_items_in_batch=num_items).loss
+    assert not torch.isfinite(expected)
+    torch.testing.assert_close(actual, expected, equal_nan=True)
+
+
+def test_int_num_items_in_batch_equals_tensor():
+    ref, got = tiny_model("llama"), mst.apply(tiny_model("llama"))
+    ids = make_input_ids(2, 30)
+    labels = make_labels(ids, "prefix")
+    assert_same_step(ref, got, input_ids=ids, labels=labels, num_items_in_batch=37)
+
+
+def test_head_is_plain():
+    """Whether the LM head is exactly ``x @ W.T + b``, as the weight-based chunked loss assumes."""
+    from torch.nn.modules import module as nn_module
+
+    from mst.integrations.hf import _head_is_plain
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    head = torch.nn.Linear(4, 6)
+    assert _head_is_plain(head)
+    assert not _head_is_plain(Scaled(4, 6))
+    assert not _head_is_plain(torch.nn.Sequential(head))
+    for register in (head.register_forward_hook, head.register_forward_pre_hook,
+                     nn_module.register_module_forward_hook, nn_module.register_module_forward_pre_hook):
+        handle = register(lambda *args: None)
+        assert not _head_is_plain(head)
+        handle.remove()
+        assert _head_is_plain(head)
+    head.forward = lambda x: x
+    assert not _head_is_plain(head)
+
+
+def test_patched_forwards_keep_their_signatures():
+    """HF's Trainer reads ``inspect.signature(model.forward)`` (which columns to keep, whether to pass
+    ``num_items_in_batch``), and ``generate`` reads it too: the patches must show the class forwards' parameters."""
+    import inspect
+
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref))
+    assert inspect.signature(got.forward) == inspect.signature(ref.forward)
+    mlp, mlp_ref = got.model.layers[0].mlp, ref.model.layers[0].mlp
+    assert inspect.signature(mlp.forward) == inspect.signature(mlp_ref.forward)
+
+
+def test_config_edited_after_apply_is_honoured():
+    """The softcap is read from the config at each call, as HF's forward does, not frozen at apply time."""
+    ref, got = tiny_model("gemma2"), mst.apply(tiny_model("gemma2"), mlp_chunk_tokens=16)
+    for model in (ref, got):
+        model.config.final_logit_softcapping = 0.3
+    ids = make_input_ids(2, 30)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
