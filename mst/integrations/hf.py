@@ -112,9 +112,6 @@ class _CausalLMForward(_Patch):
         if labels is None and shift_labels is None:
             return original(**kwargs)
         num_items = kwargs.get("num_items_in_batch")
-        if num_items is not None and not torch.is_tensor(num_items):
-            # HF divides the summed loss by it as a tensor (inf / nan for 0); the op would divide in Python
-            num_items = torch.tensor(num_items)
         ignore_index = kwargs.pop("ignore_index", -100)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:

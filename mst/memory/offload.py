@@ -8,19 +8,26 @@ are offloaded, never the layer's internals. On CPU the same code path runs (the 
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
 
 
-def offloading_checkpoint(checkpoint_fn: Callable) -> Callable:
-    """Wrap an HF ``_gradient_checkpointing_func`` so the tensors it saves live on CPU until backward."""
+class OffloadingCheckpoint:
+    """An HF ``_gradient_checkpointing_func`` whose saved tensors live on CPU until backward.
 
-    @functools.wraps(checkpoint_fn)
-    def wrapped(*args, **kwargs):
+    A class, not a closure, so a model using it can be deep-copied and pickled like any other."""
+
+    _mst_offload = True
+
+    def __init__(self, checkpoint_fn: Callable):
+        self.checkpoint_fn = checkpoint_fn
+
+    def __call__(self, *args, **kwargs):
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-            return checkpoint_fn(*args, **kwargs)
+            return self.checkpoint_fn(*args, **kwargs)
 
-    wrapped._mst_offload = True
-    return wrapped
+
+def offloading_checkpoint(checkpoint_fn: Callable) -> OffloadingCheckpoint:
+    """Wrap an HF ``_gradient_checkpointing_func`` so the tensors it saves live on CPU until backward."""
+    return OffloadingCheckpoint(checkpoint_fn)

@@ -287,13 +287,14 @@ def _flatten_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def _loss_divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
-                 num_items_in_batch: int | torch.Tensor | None) -> int | torch.Tensor | None:
+                 num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | None:
     """What the summed loss is divided by: for "mean", HF's ``num_items_in_batch`` if given, else the global count
     of valid labels (0 when all are ignored: a NaN loss, as HF's); None for "sum" / "none"."""
     if reduction != "mean":
         return None
     divisor = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
-    return divisor.to(labels.device) if torch.is_tensor(divisor) else divisor
+    # a tensor also for a Python number: HF divides the summed loss by it as a tensor (inf / NaN for 0)
+    return torch.as_tensor(divisor, device=labels.device)
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

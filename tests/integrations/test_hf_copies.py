@@ -58,7 +58,8 @@ def test_deepcopy_runs_its_own_modules(model_type):
     torch.testing.assert_close(out.loss, vanilla(**batch()).loss)
 
 
-@pytest.mark.parametrize("options", [{}, {"checkpointing": False}], ids=["default", "no_checkpointing"])
+@pytest.mark.parametrize("options", [{}, {"checkpointing": False}, {"offload_checkpoints": True}],
+                         ids=["default", "no_checkpointing", "offload"])
 def test_pickle_round_trip(options):
     """torch.save / torch.load of a whole patched model, checkpointing included (HF's own enable leaves an
     unpicklable hook on the embeddings, which mst must not add)."""

@@ -133,6 +133,23 @@ def test_num_items_in_batch(as_tensor):
     assert_matches_reference(h, w, b, y, {"num_chunks": 4}, num_items_in_batch=num_items)
 
 
+@pytest.mark.parametrize("op", ["weight", "module"])
+def test_int_num_items_in_batch_zero_is_hf_behaviour(op):
+    """HF divides the summed loss by num_items_in_batch as a tensor: inf for 0 (NaN when every label is ignored),
+    never a ZeroDivisionError."""
+    from mst.ops import chunked_module_lm_head_loss
+
+    h, w, _, y = make_inputs(ignore_prefix=4)
+    for labels in (y, torch.full_like(y, -100)):
+        expected = reference_loss(h, w, labels, num_items_in_batch=0)
+        if op == "weight":
+            got = chunked_lm_head_loss(h, w, labels, num_chunks=3, num_items_in_batch=0)
+        else:
+            got = chunked_module_lm_head_loss(h, lambda x: F.linear(x, w), [w], labels, num_chunks=3,
+                                              num_items_in_batch=0)
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
 def test_softcapping_matches_tanh_reference():
     h, w, b, y = make_inputs(ignore_prefix=2)
     h = (h * 4).detach().requires_grad_()  # logits of a few units, so a cap of 2 is strongly nonlinear
