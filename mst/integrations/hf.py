@@ -30,7 +30,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules import module as nn_module
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import (chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp,
@@ -154,11 +153,10 @@ class _CausalLMForward(_Patch):
 
 def _head_is_plain(head: nn.Module) -> bool:
     """True when calling ``head`` is exactly ``x @ head.weight.T + head.bias``, which the weight-based chunked loss
-    reproduces: no subclass or instance forward (LoRA, quantized layers), and no hook on it or on every module that
-    would change its output or gradients."""
-    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks,
-             nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
-             nn_module._global_backward_hooks, nn_module._global_backward_pre_hooks)
+    reproduces: no subclass or instance forward (LoRA, quantized layers) and no hook of its own. Global module hooks
+    are not looked at: they are observers (torch's ModTracker / MemTracker, profilers), and treating them as part
+    of the head would move every measured run onto the slower module path."""
+    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks)
     return (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
             and "forward" not in head.__dict__ and not any(hooks))
 
