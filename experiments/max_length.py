@@ -18,27 +18,37 @@ full one). Every per-token cost (activations, checkpoints, MLP/LM-head intermedi
 a strategy whose full-size limit is S fits t*S tokens at small scale: the ratios vanilla : AC : MsT are measured,
 not assumed, and ``measured / t`` is comparable to the full-size number. The planner's full-size predictions are
 printed beside them. CUDA mode searches the full-size models against the real GPU memory (OOM = does not fit).
+
+Running out of memory anywhere in a cell -- building the model, the static probe, a trial -- is a failed trial with
+its error text (a cell whose model does not even fit is recorded as 0 tokens); any other error is a bug and stops
+the run. The JSON and markdown are rewritten atomically after every trial (``"complete": false`` and the unfinished
+cell's trials under ``"in_progress"`` until the end), so a failure or a kill loses nothing that finished.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 import mst
-from mst.configs import load_config, scaled_config
+from mst.configs import SCALED_HEAD_DIM, load_config, scaled_config
 from mst.memory.planner import DEFAULT_RESERVE_GB, plan
 from mst.memory.planner.traced import flash_equivalent
 from mst.memory.planner import max_seq_len as planned_max_seq_len
-from mst.memory.length_search import run_trial, search_max_seq_len
+from mst.memory.length_search import SearchResult, Trial, run_trial, search_max_seq_len
+from mst.memory.measure import free_memory
 from mst.memory.quantization import QUANTIZATIONS
 from mst.memory.strategies import STRATEGIES, make_train_step, prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import atomic_output, positive_float, positive_int, write_results  # noqa: E402
 
 GiB = 1024 ** 3  # the planner reads gpu_mem_gb as GiB and keeps DEFAULT_RESERVE_GB for CUDA context etc.
 
@@ -77,33 +87,40 @@ def build_model(config, device: torch.device, dtype: torch.dtype, weights: str |
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def search_one(config, name: str, args, free_bytes: int | None, device: torch.device, bar,
-               expect: int | None = None) -> dict:
+def search_one(config, name: str, args, free_bytes: int | None, device: torch.device,
+               on_trial: Callable[[Trial], None], expect: int | None = None) -> dict:
     """Search one strategy. ``free_bytes`` (CPU emulation) is added to this model's own static bytes -- weights,
-    gradients and optimizer state, i.e. the peak of a 16-token step -- to form the budget, and the planner's limit
-    for exactly that budget seeds the search; ``free_bytes=None``: the real device, the search seeded by ``expect``."""
+    gradients and optimizer state, i.e. the peak of a 16-token step, the ``static_probe`` -- to form the budget, and
+    the planner's limit for exactly that budget seeds the search; ``free_bytes=None``: the real device, the search
+    seeded by ``expect``. The model is built inside the first trial, so running out of memory while building it is a
+    failed trial; a failed static probe ends the search at 0 tokens. ``on_trial`` sees every trial (probe too)."""
     strategy, quantization = split_strategy(name)
-    model = prepare(build_model(config, device, args.dtype, args.weights), strategy, quantization=quantization)
-    step, track = make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation)
+    built: list = []  # [(step, track)] once the first trial has built the model
 
     def make_step(seq_len: int):
+        if not built:
+            model = prepare(build_model(config, device, args.dtype, args.weights), strategy, quantization=quantization)
+            built.append(make_train_step(model, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation))
+        step, track = built[0]
         return (lambda: step(seq_len)), track
 
-    budget, granularity = None, 1024
-    if free_bytes is not None:
-        static, _ = run_trial(make_step, 16, None, device, method="rss")
-        budget = int(static.peak_bytes) + free_bytes
-        expect = planner_small(config, name, budget, args)
-        granularity = max(16, expect // 32 // 16 * 16)
-
-    def progress(trial):
-        bar.set_postfix_str(f"{name} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
-
-    result = search_max_seq_len(make_step, budget_bytes=budget, device=device, expect=expect,
-                                granularity=granularity, progress=progress, warmup_steps=1,
-                                method="rss" if device.type == "cpu" else "tracker")
-    del model
-    return {**result.to_dict(), "seed": expect}
+    budget, granularity, probe = None, 1024, None
+    try:
+        if free_bytes is not None:
+            probe, _ = run_trial(make_step, 16, None, device, method="rss")
+            on_trial(probe)
+            if not probe.fits:  # not even the model, its optimizer and a 16-token step
+                return {**SearchResult(0, None, str(device)).to_dict(), "seed": None, "static_probe": asdict(probe)}
+            budget = int(probe.peak_bytes) + free_bytes
+            expect = planner_small(config, name, budget, args)
+            granularity = max(16, expect // 32 // 16 * 16)
+        result = search_max_seq_len(make_step, budget_bytes=budget, device=device, expect=expect,
+                                    granularity=granularity, progress=on_trial, warmup_steps=1,
+                                    method="rss" if device.type == "cpu" else "tracker")
+    finally:
+        built.clear()
+        free_memory()
+    return {**result.to_dict(), "seed": expect, "static_probe": asdict(probe) if probe else None}
 
 
 def planner_kwargs(name: str, args, **overrides) -> tuple[str, dict]:
@@ -127,18 +144,27 @@ def planner_small(config, name: str, budget: int, args) -> int:
     return planned_max_seq_len(config, strategy, reserve_gb=0.0, device="cpu", granularity=16, **kwargs)
 
 
-def run(args) -> dict:
+def run(args, save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every model x strategy search; ``save(result)`` when a cell starts, after each of its trials and when it
+    ends (the result so far, see the module doc), and at the end."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
-    records = []
+    configs = {name: load_config(name) for name in args.models}  # an unknown name fails before any search
+    result = {
+        "table": args.table, "device": _device_name(device), "dtype": str(args.dtype).replace("torch.", ""),
+        "optimizer": args.optimizer, "grad_accumulation": args.grad_accumulation, "gpu_mem_gb": args.gpu_mem_gb,
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "mst": mst.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M"), "paper": PAPER.get(args.table, {}), "complete": False, "models": [],
+    }
     with tqdm(total=len(args.models) * len(args.strategies), desc=args.table, unit="search") as bar:
-        for name in args.models:
-            full = load_config(name)
+        for name, full in configs.items():
             row = {"model": name, "strategies": {}}
+            result["models"].append(row)
             if device.type == "cpu":
                 small = scaled_config(name, hidden_size=args.hidden,
-                                      **({"num_hidden_layers": args.layers} if args.layers else {}))
+                                      **({} if args.layers is None else {"num_hidden_layers": args.layers}))
                 if getattr(full, "attn_logit_softcapping", None):
                     # HF has no SDPA path for Gemma-2's attention softcap: eager attention, or SDPA with its S x S
                     # masks, materialises S x S tensors on CPU, while flash-attn on a GPU applies the cap and the
@@ -146,33 +172,39 @@ def run(args) -> dict:
                     # planner's flash-equivalent attention.
                     small = flash_equivalent(small)
                 k = small.hidden_size / full.hidden_size
-                t = args.length_scale or k
+                t = k if args.length_scale is None else args.length_scale
                 # per-token tensors of an fp32 CPU model are twice a bf16 model's (the fp32 logits upcast of HF's
                 # loss is the exception, which makes this rule slightly favour vanilla/AC: MsT ratios are conservative)
                 dtype_factor = torch.finfo(args.dtype).bits / torch.finfo(args.full_dtype).bits
-                row.update(hidden_small=small.hidden_size, k=k, length_scale=t, dtype_factor=dtype_factor)
+                row.update(hidden_small=small.hidden_size, layers_small=small.num_hidden_layers, k=k, length_scale=t,
+                           dtype_factor=dtype_factor)
             for strategy in args.strategies:
                 planned_strategy, kwargs = planner_kwargs(strategy, args)
                 predicted = planned_max_seq_len(full, planned_strategy, **kwargs)
                 cell = {"planner_full": predicted}
+                result["in_progress"] = {"model": name, "strategy": strategy, "trials": []}
+                save(result)  # on disk: which cell a failure or kill stopped in
+
+                def on_trial(trial: Trial, strategy: str = strategy) -> None:
+                    bar.set_postfix_str(f"{name} {strategy} S={trial.seq_len} {'fits' if trial.fits else 'no'}")
+                    result["in_progress"]["trials"].append(asdict(trial))
+                    save(result)
+
                 if device.type == "cpu":
                     free_full = (args.gpu_mem_gb - DEFAULT_RESERVE_GB) * GiB - static_bytes_full(full, strategy, args)
-                    found = search_one(small, strategy, args, int(free_full * k * t * dtype_factor), device, bar)
+                    found = search_one(small, strategy, args, int(free_full * k * t * dtype_factor), device, on_trial)
                     cell.update(measured_small=found["max_seq_len"], measured_full_equiv=round(found["max_seq_len"] / t),
                                 budget_bytes=found["budget_bytes"], planner_small=found["seed"], search=found)
                 else:
-                    found = search_one(full, strategy, args, None, device, bar, expect=predicted)
+                    found = search_one(full, strategy, args, None, device, on_trial, expect=predicted)
                     cell.update(measured_full=found["max_seq_len"], search=found)
                 row["strategies"][strategy] = cell
+                del result["in_progress"]
+                save(result)
                 bar.update(1)
-            records.append(row)
-    return {
-        "table": args.table, "device": _device_name(device), "dtype": str(args.dtype).replace("torch.", ""),
-        "optimizer": args.optimizer, "grad_accumulation": args.grad_accumulation, "gpu_mem_gb": args.gpu_mem_gb,
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "mst": mst.__version__, "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d %H:%M"), "paper": PAPER.get(args.table, {}), "models": records,
-    }
+    result["complete"] = True
+    save(result)
+    return result
 
 
 def _device_name(device: torch.device) -> str:
@@ -182,13 +214,18 @@ def _device_name(device: torch.device) -> str:
 
 
 def _k(n: int | None) -> str:
-    return "—" if not n else f"{n / 1000:.1f}K"
+    """Tokens in K; "—" only when there is no number (0 = measured: not even the shortest length fits)."""
+    return "—" if n is None else f"{n / 1000:.1f}K"
 
 
 def markdown(result: dict) -> str:
-    cpu = "measured_small" in next(iter(result["models"][0]["strategies"].values()))
+    """The README tables of ``result``; one of an unfinished run says so and lists the finished cells only."""
+    cells = [(row["model"], s, c) for row in result["models"] for s, c in row["strategies"].items()]
+    cpu = any("measured_small" in c for _, _, c in cells)
     lines = [f"# {result['table']}: maximum sequence length ({result['device']}, {result['dtype']}, "
              f"{result['optimizer']}, grad accumulation {result['grad_accumulation']})", ""]
+    if not result.get("complete", True):
+        lines += [f"**incomplete**: {len(cells)} searches finished so far (the run stopped, or is still running)", ""]
     head = "| model | strategy | paper (A100 80GB) | planner, full size, 80 GB |"
     head += (" measured, scaled model (CPU) | planner, same scaled setting | measured ÷ t (full-size equivalent) |"
              if cpu else " measured (GPU) |")
@@ -198,10 +235,16 @@ def markdown(result: dict) -> str:
         for strategy, cell in row["strategies"].items():
             pv = paper.get(strategy)
             pcol = f"{pv[0]} ({pv[1]})" if pv else "not reported"
-            meas = (f"{cell['measured_small']} tok | {cell.get('planner_small', '—')} tok | "
+            planned = cell.get("planner_small")
+            meas = (f"{cell['measured_small']} tok | {'—' if planned is None else f'{planned} tok'} | "
                     f"{_k(cell['measured_full_equiv'])}" if cpu
                     else _k(cell["measured_full"]))
             lines.append(f"| {row['model']} | {strategy} | {pcol} | {_k(cell['planner_full'])} | {meas} |")
+    failed = [(m, s, c["search"]["static_probe"]["error"]) for m, s, c in cells
+              if ((c.get("search") or {}).get("static_probe") or {}).get("fits") is False]
+    if failed:
+        lines += ["", "Did not fit even at 16 tokens (static probe): "
+                  + "; ".join(f"{m} {s}: {error}" for m, s, error in failed)]
     lines += ["", "| model | ratio | paper | planner | measured |", "|---|---|---|---|---|"]
     for row in result["models"]:
         s = row["strategies"]
@@ -253,7 +296,8 @@ def plot(result: dict, path: str | Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{result['table']}: max trainable length, {result['device']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -267,19 +311,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=["llama3-8b", "llama2-7b"])
     p.add_argument("--strategies", nargs="+", default=["vanilla", "ac", "mst"],
                    help=f"from {', '.join(STRATEGIES)}, each optionally +{' / +'.join(QUANTIZATIONS)} (Table 5)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="dtype of the measured model (default: float32 on CPU, where bf16 is ~6x slower; bfloat16 on CUDA)")
     p.add_argument("--optimizer", default="adamw_in_backward", choices=["adamw", "adamw_in_backward"])
-    p.add_argument("--grad-accumulation", type=int, default=1)
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the scaled CPU model")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--grad-accumulation", type=positive_int, default=1)
+    p.add_argument("--gpu-mem-gb", type=positive_float, default=80.0,
+                   help=f"GPU memory in GiB (more than the {DEFAULT_RESERVE_GB} GiB reserve)")
+    p.add_argument("--hidden", type=positive_int, default=128,
+                   help=f"hidden size of the scaled CPU model (a multiple of {SCALED_HEAD_DIM})")
+    p.add_argument("--layers", type=positive_int, default=None,
                    help="override the layer count of the scaled model (smoke runs only: ratios depend on L)")
-    p.add_argument("--length-scale", type=float, default=None, help="t in the budget rule (default k = d_s/d)")
+    p.add_argument("--length-scale", type=positive_float, default=None,
+                   help="t in the budget rule (default k = d_s/d)")
     p.add_argument("--weights", default=None, help="local HF checkpoint (cuda mode); default random weights")
     p.add_argument("--out", default=None, help="results folder (default experiments/<table>/results)")
     args = p.parse_args(argv)
+    if args.hidden % SCALED_HEAD_DIM:
+        p.error(f"argument --hidden: must be a multiple of {SCALED_HEAD_DIM} (the scaled head_dim), got {args.hidden}")
+    if args.gpu_mem_gb <= DEFAULT_RESERVE_GB:
+        p.error(f"argument --gpu-mem-gb: must exceed the {DEFAULT_RESERVE_GB} GiB reserve, got {args.gpu_mem_gb}")
     args.full_dtype = torch.bfloat16  # the paper's training dtype, used by the planner
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     for name in args.strategies:
@@ -287,16 +338,18 @@ def main(argv: list[str] | None = None) -> None:
             split_strategy(name)
         except ValueError as exc:
             p.error(str(exc))
-    out = Path(args.out or Path(__file__).parent / args.table / "results")
-    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out or Path(__file__).parent / args.table / "results") / f"max_length_{args.device}"
+    saved = []
+
+    def save(partial: dict) -> None:
+        write_results(stem, partial, markdown(partial))
+        saved.append(True)
+
     try:
-        result = run(args)
+        result = run(args, save)
     except ValueError as exc:  # unknown model, impossible budget, ...: say it plainly
-        sys.exit(f"error: {exc}")
-    tag = "cpu" if args.device == "cpu" else "cuda"
-    (out / f"max_length_{tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"max_length_{tag}.md").write_text(markdown(result))
-    plot(result, out / f"max_length_{tag}.png")
+        sys.exit(f"error: {exc}" + (f" (what finished is in {stem}.json)" if saved else ""))
+    plot(result, stem.with_suffix(".png"))
     print(markdown(result))
 
 

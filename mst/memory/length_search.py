@@ -1,10 +1,11 @@
 """Maximum trainable sequence length by search over real training steps (the paper's Tables 2-5).
 
 A trial at length S runs ``warmup_steps`` full training steps (forward, backward, optimizer step, so optimizer state
-exists), then measures one more with ``measure_peak``. It *fails* when the device raises out-of-memory (CUDA) or when
-the measured peak exceeds ``budget_bytes`` (how a CPU run emulates a GPU's capacity). Failures are caught, memory is
-freed, and the search goes on: first doubling from ``start`` until a failure, then bisection down to
-``granularity`` tokens. Nothing here knows about models: ``make_step(seq_len)`` builds the step to try.
+exists), then measures one more with ``measure_peak``. It *fails* when building or running the step runs out of
+memory (``is_allocation_failure``: CUDA, cuBLAS or CPU allocator) or when the measured peak exceeds ``budget_bytes``
+(how a CPU run emulates a GPU's capacity). Failures are caught, memory is freed, and the search goes on: first
+doubling from ``start`` until a failure, then bisection down to ``granularity`` tokens. Any other exception is a bug
+and propagates. Nothing here knows about models: ``make_step(seq_len)`` builds the step to try.
 """
 from __future__ import annotations
 
@@ -42,13 +43,33 @@ class SearchResult:
         return asdict(self)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+# how torch's allocators word a failed allocation when it is not a torch.OutOfMemoryError: the CUDA runtime
+# ("CUDA error: out of memory"), cuBLAS / cuDNN / cuSOLVER handles (*_ALLOC_FAILED), the CPU allocator, C++ new
+_ALLOCATION_MESSAGES = ("out of memory", "alloc_failed", "can't allocate memory", "not enough memory",
+                        "std::bad_alloc")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means "this did not fit in memory" (a failed trial), not a bug.
+
+    ``MemoryError`` (whatever its message, often none) and ``torch.OutOfMemoryError``; otherwise only a
+    ``RuntimeError`` (which ``torch.AcceleratorError`` is) worded as an allocator failure: any other type is a bug
+    in the caller, whatever its text."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _ALLOCATION_MESSAGES)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of the message, or the exception type when there is no message (a bare ``MemoryError()``)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:120] if lines else type(exc).__name__
 
 
 def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, device: torch.device,
               warmup_steps: int = 1, method: str = "tracker") -> tuple[Trial, dict]:
-    """One length: warm-up steps, then a measured step. Returns the trial and the peak breakdown."""
+    """One length: build the step, warm-up steps, then a measured step. Returns the trial and the peak breakdown;
+    running out of memory anywhere in it is a failed trial whose ``error`` says so ("OOM: ...")."""
     try:
         step, track = make_step(seq_len)
         for _ in range(warmup_steps):
@@ -61,10 +82,10 @@ def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, de
         peak = report.allocator_peak_bytes or report.peak_bytes
         fits = budget_bytes is None or peak <= budget_bytes
         return Trial(seq_len, fits, peak, elapsed, None if fits else "over budget"), report.breakdown
-    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
-        if not (_is_oom(exc) or isinstance(exc, MemoryError)):
+    except Exception as exc:
+        if not is_allocation_failure(exc):
             raise
-        return Trial(seq_len, False, error=f"OOM: {str(exc).splitlines()[0][:120]}"), {}
+        return Trial(seq_len, False, error=f"OOM: {_first_line(exc)}"), {}
     finally:
         step = track = None  # noqa: F841  (drop references before freeing)
         free_memory()

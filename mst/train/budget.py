@@ -70,7 +70,8 @@ def fit_contexts(build: Callable[[], nn.Module], strategies: tuple[str, ...] = (
                 progress(f"{strategy:8s} context {t.seq_len:6d}: {shown} ({'fits' if t.fits else 'over budget'})")
 
         result = search_max_seq_len(factory[strategy], budget_bytes=budget_bytes, device=device, start=start,
-                                    granularity=granularity or start, max_len=max_len, progress=report)
+                                    granularity=start if granularity is None else granularity,
+                                    max_len=max_len, progress=report)
         longest[strategy] = result.max_seq_len
         trials += [{"strategy": strategy, **vars(t)} for t in result.trials]
     return {"budget_bytes": budget_bytes, "longest": longest, "trials": trials}

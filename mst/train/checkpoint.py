@@ -31,9 +31,17 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     return path
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore a checkpoint into ``model`` (and ``optimizer``); returns {"step", "extra"}."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+def read_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint (tensors on CPU), so that ``step`` and ``extra`` can be checked before restoring it
+    with ``load_checkpoint`` (which then needs no second read)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(checkpoint: str | Path | dict, *, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Restore a checkpoint (a path, or what ``read_checkpoint`` returned) into ``model`` (and ``optimizer``);
+    returns {"step", "extra"}."""
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -3,14 +3,24 @@
 The plain files are the record the experiments read back; wandb is for browsing. wandb runs offline unless
 ``WANDB_MODE`` says otherwise (no account needed; ``wandb sync`` uploads later) and writes under the run folder.
 On resume from a checkpoint at step k, rows after k (logged after the last checkpoint of the killed run) are
-dropped from both files, so the resumed log equals the log of an uninterrupted run.
+dropped from both files, so the resumed log equals the log of an uninterrupted run. That rewrite goes to a temporary
+file renamed over the old one, so a run killed meanwhile keeps its whole log; half a last line (a kill while a row
+was appended, necessarily after the checkpoint) is dropped with the other rows after k.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class RunLog:
@@ -40,16 +50,26 @@ class RunLog:
             for f in (self.jsonl, self.csv):
                 f.unlink(missing_ok=True)
             return []
-        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # only the row being appended at a kill can be cut short
+                    raise ValueError(f"{self.jsonl}: line {i + 1} is not JSON (the log is damaged)") from None
         rows = [r for r in rows if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.csv.unlink(missing_ok=True)
-        for r in rows:
-            self._append_csv(r)
+        _replace_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        buf = io.StringIO(newline="")
+        if rows:
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        _replace_text(self.csv, buf.getvalue())
         return rows
 
     def _append_csv(self, row: dict) -> None:
-        new = not self.csv.exists()
+        new = not self.csv.exists() or self.csv.stat().st_size == 0
         with self.csv.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:

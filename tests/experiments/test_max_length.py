@@ -1,5 +1,5 @@
 """experiments/max_length.py (Tables 2-5) end to end at toy size: planner-seeded searches, JSON/markdown/figure,
-and clear errors for bad input."""
+results kept cell by cell when a later cell runs out of memory or fails, and clear errors for bad input."""
 import json
 import os
 import subprocess
@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "experiments/max_length.py")
+sys.path.insert(0, str(ROOT / "experiments"))
+import max_length  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -30,6 +33,7 @@ def test_driver_measures_every_strategy(tmp_path):
         fails = [t["seq_len"] for t in search["trials"] if not t["fits"]]
         assert max(fits) == cell["measured_small"] and all(f > cell["measured_small"] for f in fails)
     assert cells["mst"]["measured_small"] > cells["vanilla"]["measured_small"]
+    assert result["complete"] is True and "in_progress" not in result
     assert (tmp_path / "max_length_cpu.md").read_text().startswith("# table2")
     assert (tmp_path / "max_length_cpu.png").stat().st_size > 0
 
@@ -50,3 +54,67 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "max_length_cpu.json").exists()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--layers", "-1"], "--layers"), (["--layers", "0"], "--layers"), (["--layers", "two"], "--layers"),
+    (["--hidden", "0"], "--hidden"), (["--hidden", "-32"], "--hidden"), (["--hidden", "48"], "--hidden"),
+    (["--length-scale", "0"], "--length-scale"), (["--length-scale", "-0.5"], "--length-scale"),
+    (["--length-scale", "nan"], "--length-scale"), (["--length-scale", "inf"], "--length-scale"),
+    (["--gpu-mem-gb", "0"], "--gpu-mem-gb"), (["--gpu-mem-gb", "nan"], "--gpu-mem-gb"),
+    (["--gpu-mem-gb", "inf"], "--gpu-mem-gb"), (["--gpu-mem-gb", "1"], "--gpu-mem-gb"),
+    (["--grad-accumulation", "0"], "--grad-accumulation"), (["--grad-accumulation", "1.5"], "--grad-accumulation"),
+    (["--device", "gpu"], "--device"),
+])
+def test_bad_numbers_are_argparse_errors(tmp_path, capsys, args, flag):
+    """Out-of-range numbers stop at parsing with the flag's name: none is replaced by a default (``--layers 0``
+    and ``--length-scale 0`` were) or reaches the model (``--layers -1``)."""
+    with pytest.raises(SystemExit) as info:
+        max_length.main(["--models", "llama3-8b", "--strategies", "mst", "--out", str(tmp_path), *args])
+    assert info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failing_cell_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """Cells run out of memory in every way (the 16-token static probe's step, building the model), then one
+    hits a real bug: the out-of-memory cells are recorded as not fitting, with their error text; the bug
+    propagates; and what finished is on disk, in whole files (JSON and markdown, rewritten after every trial)."""
+    real = max_length.make_train_step
+    calls = []
+
+    def make_train_step(model, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 2:  # llama3-8b / ac: the step runs out of host memory
+            step, track = real(model, **kwargs)
+
+            def failing(seq_len):
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+            return failing, track
+        if len(calls) == 3:  # llama3-8b / mst: building it runs out
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(calls) == 4:  # llama2-7b / vanilla: a bug
+            raise RuntimeError("boom: not an allocation failure")
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(max_length, "make_train_step", make_train_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        max_length.main(["--table", "table2", "--models", "llama3-8b", "llama2-7b", "--strategies", "vanilla", "ac",
+                         "mst", "--layers", "1", "--hidden", "32", "--length-scale", "0.005", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "max_length_cpu.json").read_text())
+    assert result["complete"] is False
+    first, second = result["models"]
+    assert (first["layers_small"], first["length_scale"]) == (1, 0.005)  # the flags are used as given
+    cells = first["strategies"]
+    assert list(cells) == ["vanilla", "ac", "mst"]
+    assert cells["vanilla"]["measured_small"] > 0 and cells["vanilla"]["search"]["trials"]
+    for strategy, text in (("ac", "OOM: DefaultCPUAllocator: can't allocate memory"),
+                           ("mst", "OOM: CUDA out of memory")):
+        assert cells[strategy]["measured_small"] == 0
+        assert cells[strategy]["search"]["static_probe"]["error"].startswith(text)
+    assert (second["model"], second["strategies"]) == ("llama2-7b", {})
+    assert result["in_progress"] == {"model": "llama2-7b", "strategy": "vanilla", "trials": []}
+    md = (tmp_path / "max_length_cpu.md").read_text()
+    assert md.startswith("# table2") and "incomplete" in md and "OOM: CUDA out of memory" in md
+    assert "| 0 tok | — | 0.0K |" in md  # measured: nothing fits (0), no planner seed (—), not "no number"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["max_length_cpu.json", "max_length_cpu.md"]

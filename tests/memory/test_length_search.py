@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mst.memory.length_search import search_max_seq_len
+from mst.memory.length_search import is_allocation_failure, run_trial, search_max_seq_len
 from mst.memory.strategies import make_train_step, prepare
 from tests.utils import tiny_model
 
@@ -41,6 +41,79 @@ def test_other_errors_are_not_swallowed():
         return step, []
     with pytest.raises(RuntimeError, match="shape mismatch"):
         search_max_seq_len(make_step, budget_bytes=None, start=64)
+
+
+# what each allocator says when it runs out (messages as torch 2.x prints them)
+ALLOCATION_FAILURES = [
+    MemoryError(),  # bare: no message at all
+    MemoryError("Unable to allocate 8.00 GiB"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. "
+                 "Error code 12 (Cannot allocate memory)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 68719476736 bytes."),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+    torch.AcceleratorError("CUDA error: out of memory"),
+    RuntimeError("std::bad_alloc"),
+]
+NOT_ALLOCATION_FAILURES = [
+    RuntimeError("shape mismatch: value tensor of shape [2] cannot be broadcast"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    ValueError("out of memory budget"),  # a ValueError is a bug in the caller, whatever its text
+    TypeError("can't allocate memory"),
+    IndexError("list index out of range"),
+]
+
+
+def raising(exc: BaseException, where: str = "step", above: int = 0):
+    """make_step whose step (or, with where="make_step", the factory itself) raises ``exc`` for lengths > above."""
+    def make_step(seq_len: int):
+        if where == "make_step" and seq_len > above:
+            raise exc
+        def step():
+            if where == "step" and seq_len > above:
+                raise exc
+        return step, []
+    return make_step
+
+
+@pytest.mark.parametrize("exc", ALLOCATION_FAILURES, ids=lambda e: f"{type(e).__name__}:{str(e)[:30]}")
+def test_allocation_failures_are_recognised(exc):
+    assert is_allocation_failure(exc)
+
+
+@pytest.mark.parametrize("exc", NOT_ALLOCATION_FAILURES, ids=lambda e: f"{type(e).__name__}:{str(e)[:30]}")
+def test_other_errors_are_not_allocation_failures(exc):
+    assert not is_allocation_failure(exc)
+
+
+@pytest.mark.parametrize("where", ["step", "make_step"])
+@pytest.mark.parametrize("exc", ALLOCATION_FAILURES, ids=lambda e: f"{type(e).__name__}:{str(e)[:30]}")
+def test_allocation_failure_is_a_failed_trial_with_its_text(exc, where):
+    """Whether the step or building it (the model, the optimizer: ``make_step``) runs out, the trial fails and
+    says why, and the search goes on below that length."""
+    trial, breakdown = run_trial(raising(exc, where), 64, None, torch.device("cpu"))
+    assert not trial.fits and trial.peak_bytes is None and breakdown == {}
+    assert trial.error.startswith("OOM: ")
+    assert (str(exc).splitlines()[0][:40] if str(exc) else type(exc).__name__) in trial.error
+
+
+@pytest.mark.parametrize("where", ["step", "make_step"])
+def test_search_goes_on_below_an_allocation_failure(where):
+    res = search_max_seq_len(raising(MemoryError(), where, above=700), budget_bytes=None, start=64, granularity=32,
+                             method="rss")
+    assert res.max_seq_len == 672
+    assert [t.error for t in res.trials if not t.fits] == ["OOM: MemoryError"] * sum(not t.fits for t in res.trials)
+
+
+@pytest.mark.parametrize("where", ["step", "make_step"])
+@pytest.mark.parametrize("exc", NOT_ALLOCATION_FAILURES, ids=lambda e: f"{type(e).__name__}:{str(e)[:30]}")
+def test_other_errors_propagate(exc, where):
+    with pytest.raises(type(exc)):
+        run_trial(raising(exc, where), 64, None, torch.device("cpu"))
+    with pytest.raises(type(exc)):
+        search_max_seq_len(raising(exc, where, above=200), budget_bytes=None, start=64, method="rss")
 
 
 def test_bad_arguments():
