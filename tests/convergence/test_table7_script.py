@@ -11,8 +11,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+_path = list(sys.path)
 sys.path.insert(0, str(ROOT / "experiments" / "table7"))
-import run_table7  # noqa: E402
+try:
+    import run_table7  # noqa: E402
+finally:  # its top-level `plot` / `common` must not shadow other experiments' modules in later tests
+    sys.path[:] = _path
+    for _name in ("plot", "common", "max_length"):
+        sys.modules.pop(_name, None)
 
 
 def _corpora():

@@ -44,6 +44,8 @@ def test_table6_groups_and_attribution_variants(tmp_path):
 def test_markdown_and_ratios_without_the_larger_batch(monkeypatch):
     """--no-larger-batch (the scale check at d=512) leaves the equal-batch table and ratios only."""
     monkeypatch.setattr(sys, "path", [str(ROOT / "experiments" / "table6"), *sys.path])
+    for name in ("run", "plot", "common", "max_length"):  # another experiment's modules of the same names
+        monkeypatch.delitem(sys.modules, name, raising=False)
     try:
         from plot import markdown
         from run import ratios
