@@ -1,16 +1,21 @@
-"""Chunked LM-head + cross-entropy (MsT Algorithm 2 + 4), exact: the S x V logits never exist.
+"""Chunked LM-head + cross-entropy (MsT Algorithm 2 + 4), exact: the N x V logits never exist.
 
-Forward computes, one mini-sequence of tokens at a time, logits = h W^T (+ b), upcasts to fp32 like HF's loss,
-applies optional logit scaling and final-logit softcapping (Gemma-2/3), and accumulates the summed cross-entropy.
-For a summed / mean loss that needs gradients, the same loop also forms each chunk's gradient while its logits
-exist -- dlogits = (softmax - onehot) * per-token weight, dh = dlogits W, dW += dlogits^T h -- so the logits matmul
-runs once, as in vanilla (Liger and Apple's CCE do the same); backward only multiplies by the upstream scalar.
-Per-token losses (reduction="none", upstream gradient per token) save h, W and the labels and recompute each
-chunk's logits in backward instead.
+Per chunk of tokens: logits = h W^T (+ b), upcast to fp32 like HF's loss, optionally scaled and softcapped
+(Gemma-2/3), and the chunk's cross-entropy. ``chunked_lm_head_loss`` picks one of three modes, each its own
+autograd Function around one ``LMHeadSpec``:
 
-``weight_grad_block_rows`` trades one extra logits matmul for the V x d fp32 accumulator (2.1 GB for Llama3-8B):
-the forward still forms dh (and db) and keeps each token's log-sum-exp; backward recomputes the logits one block of
-vocabulary rows at a time and accumulates only that block's dW in fp32 over the token chunks.
+- ``SummedLMHeadLoss`` (summed / mean loss, the training default): each chunk's gradients are formed in the forward
+  while its logits exist -- dlogits = (softmax - onehot) * per-token weight, dh = dlogits W, dW += dlogits^T h --
+  so the logits matmul runs once, as in vanilla (Liger and Apple's CCE do the same); backward only multiplies
+  them by the upstream scalar.
+- ``PerTokenLMHeadLoss`` (reduction="none": the upstream gradient weights each token, unknown in the forward):
+  saves h, W and the labels and recomputes each chunk's logits in backward.
+- ``BlockedWeightGradLMHeadLoss`` (summed / mean loss with ``weight_grad_block_rows``): trades one extra logits
+  matmul for the V x d fp32 dW accumulator (2.1 GB for Llama3-8B): the forward still forms dh (and db) and keeps
+  each token's log-sum-exp; backward recomputes the logits one block of vocabulary rows at a time and accumulates
+  only that block's dW in fp32 over the token chunks.
+
+Without a gradient to compute, the loss alone is computed, no Function involved.
 
 Fixes against the official code (paper.md §5.2): dW is *returned* to autograd only (no manual ``.grad`` writes, so
 no 2x and no blow-up under gradient accumulation; tied embeddings just add up); chunks are a fixed size with a
@@ -26,105 +31,69 @@ recompute.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
-from .mini_sequence_mlp import autocast_state
+from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
+                             _loss_divisor, _reduce, lm_head_chunk_tokens)
+from .recompute import accumulation_dtype, autocast_state
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, chunk_tokens: int | None = None,
-                         num_chunks: int | None = None, logits_budget_bytes: int | None = None) -> int:
-    """Tokens per LM-head chunk. Default: M = ceil(V / d) chunks (the paper's rule: 32 for Llama3, 72 for Gemma-2)
-    but never fewer than d / 4 tokens per chunk, so short sequences do not run 32-token chunks (11x slower than
-    unchunked at S=1024 in the paper) while long ones, where memory matters, chunk exactly as the paper does
-    (measured in experiments/table13_16: same max lengths; a d-token floor would cost Gemma-2-9B a third of its max length).
-
-    Exactly one of ``chunk_tokens`` / ``num_chunks`` / ``logits_budget_bytes`` may be given; the byte budget bounds
-    one chunk's fp32 logits (C x V x 4 bytes).
-    """
-    given = [v is not None for v in (chunk_tokens, num_chunks, logits_budget_bytes)]
-    if sum(given) > 1:
-        raise ValueError("give at most one of chunk_tokens, num_chunks, logits_budget_bytes")
-    if chunk_tokens is not None:
-        if chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
-        return int(chunk_tokens)
-    if logits_budget_bytes is not None:
-        if logits_budget_bytes < vocab_size * 4:
-            raise ValueError(f"logits_budget_bytes={logits_budget_bytes} is below one token's fp32 logits "
-                             f"({vocab_size * 4} bytes)")
-        return int(logits_budget_bytes // (vocab_size * 4))
-    if num_chunks is None:
-        num_chunks = math.ceil(vocab_size / hidden_size)
-        return max(1, math.ceil(n_tokens / num_chunks), math.ceil(hidden_size / 4))
-    if num_chunks <= 0:
-        raise ValueError(f"num_chunks must be a positive integer, got {num_chunks}")
-    return max(1, math.ceil(n_tokens / num_chunks))
+Grads = tuple[torch.Tensor | None, ...]
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float | None,
-                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits of one chunk, and tanh(z/cap) when softcapping (needed for its derivative)."""
-    return _finish_logits(F.linear(h, weight, bias).float(), logit_scale, softcap)
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  spec: LMHeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of one chunk (or vocabulary block), and tanh(z/cap) when softcapping (for its derivative)."""
+    return _finish_logits(F.linear(h, weight, bias).float(), spec)
 
 
-def _finish_logits(z: torch.Tensor, logit_scale: float | None,
-                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and softcap the upcast logits ``z`` in place (``z`` must be a tensor of the caller's own); also
-    tanh(z/cap) when softcapping (needed for its derivative)."""
-    if logit_scale is not None:
-        z.mul_(logit_scale)
-    if softcap is None:
-        return z, None
-    t = z.div_(softcap).tanh_()
-    return t * softcap, t
+def _chunks_with_labels(valid: torch.Tensor, chunk_tokens: int) -> Iterator[int]:
+    """Start rows of the chunks holding at least one valid label (the others add no loss and no gradient), each
+    checked just before it runs with one ``bool(any())``: the traced memory planner runs this op on fake tensors
+    and answers exactly such reads (``mst/memory/planner/traced.py``)."""
+    for s in range(0, valid.shape[0], chunk_tokens):
+        if bool(valid[s:s + chunk_tokens].any()):
+            yield s
 
 
-def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, tok_w: torch.Tensor,
-                     logit_scale: float | None, hits: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """d(loss)/d(raw logits) of one chunk, in place on its softmax ``dz``: (softmax - onehot) x per-token weight,
-    times the softcap and scale derivatives. ``labels`` are clamped (ignored tokens have weight 0); ``hits`` is 1
-    where a token's label column lies in ``dz`` (a vocabulary block may not hold it)."""
-    rows = torch.arange(dz.shape[0], device=dz.device)
-    dz[rows, labels] -= hits
-    dz.mul_(tok_w[:, None])
-    if t is not None:  # d(cap * tanh(z/cap))/dz = 1 - tanh^2
-        dz.mul_(t.square_().neg_().add_(1.0))
-    if logit_scale is not None:
-        dz.mul_(logit_scale)
-    return dz
-
-
-_gemm_fp32_out = True  # CUDA bf16/fp16 GEMM with an fp32 output (torch >= 2.8); off after the first refusal
+@functools.cache
+def _has_wide_gemm(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether this torch has a ``dtype`` GEMM on ``device`` that writes ``out_dtype`` (CUDA, torch >= 2.8): tried
+    once per device and dtypes, on 1 x 1 tensors; a refusal comes at dispatch."""
+    acc = torch.zeros(1, 1, dtype=out_dtype, device=device)
+    x = torch.zeros(1, 1, dtype=dtype, device=device)
+    try:
+        torch.addmm(acc, x, x, out_dtype=out_dtype, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _addmm_wide(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b accumulated in acc's (wider) dtype. On CUDA a bf16/fp16 GEMM writing fp32 keeps the tensor
     cores; elsewhere (or on a torch without it) the inputs are upcast, an fp32 GEMM with the same result."""
-    global _gemm_fp32_out
-    if a.dtype != acc.dtype and a.is_cuda and _gemm_fp32_out:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):  # refused at dispatch, before any write
-            _gemm_fp32_out = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    if a.dtype != acc.dtype and a.is_cuda and _has_wide_gemm(a.device, a.dtype, acc.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class _Gradients:
     """Gradients of the hidden states, weight and bias, filled one chunk at a time.
 
     The weight and bias gradients are accumulated over chunks in fp32 for bf16/fp16 weights, as exact as vanilla's
-    single matmul (which accumulates in fp32 inside the GEMM) rather than a sum of rounded partials."""
+    single matmul (which accumulates in fp32 inside the GEMM) rather than a sum of rounded partials. Held as a ctx
+    attribute, not saved tensors: saved-tensor hooks (checkpoint offload) must not move them."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  wanted: tuple[bool, ...]):
         self.weight, self.bias_dtype = weight, bias.dtype if bias is not None else None
-        acc = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+        acc = accumulation_dtype(weight.dtype)
         self.h = torch.zeros_like(hidden) if wanted[0] else None
         self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wanted[1] else None
         self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if wanted[2] else None
@@ -139,7 +108,7 @@ class _Gradients:
         if self.b is not None:
             self.b.add_(dlogits.sum(0, dtype=self.b.dtype))
 
-    def release(self, grad_out: torch.Tensor | None = None) -> tuple:
+    def release(self, grad_out: torch.Tensor | None = None) -> Grads:
         """(hidden, weight, bias) gradients times the scalar upstream gradient ``grad_out`` (exact for the usual
         1.0 of ``loss.backward()`` and for powers of two), in the inputs' dtypes; the buffers are given up."""
         out = []
@@ -151,150 +120,189 @@ class _Gradients:
         return tuple(out)
 
 
+def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                  spec: LMHeadSpec) -> torch.Tensor:
+    """Per-token cross-entropy (0 where ignored), one chunk's logits at a time: the loss alone."""
+    valid = labels != spec.ignore_index
+    losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in _chunks_with_labels(valid, spec.chunk_tokens):
+        e = s + spec.chunk_tokens
+        z, _ = _chunk_logits(hidden[s:e], weight, bias, spec)
+        losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=spec.ignore_index, reduction="none")
+    return losses
+
+
+def _chunk_losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                labels: torch.Tensor, spec: LMHeadSpec, grads: _Gradients,
+                                lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy as ``_chunk_losses``, and each chunk's gradients of the summed loss over the divisor
+    (upstream gradient 1) added to ``grads`` while the chunk's logits exist; with ``lse``, each token's
+    log-sum-exp is written there. Returns the losses and the per-token weights of the logits gradient (1 / divisor,
+    0 on ignored tokens)."""
+    valid = labels != spec.ignore_index
+    tok_w = valid * (1.0 / spec.divisor if spec.divisor is not None else 1.0)
+    safe_labels = labels.clamp_min(0)
+    losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in _chunks_with_labels(valid, spec.chunk_tokens):
+        e = s + spec.chunk_tokens
+        z, t = _chunk_logits(hidden[s:e], weight, bias, spec)
+        if lse is not None:
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+        logp = torch.log_softmax(z, dim=-1)  # = F.cross_entropy, keeping log p for the gradient
+        del z
+        losses[s:e] = F.nll_loss(logp, labels[s:e], ignore_index=spec.ignore_index, reduction="none")
+        with torch.autocast(hidden.device.type, enabled=False):  # gradients in full precision, as in backward
+            dz = _logits_gradient(logp.exp_(), t, safe_labels[s:e], tok_w[s:e], spec)
+            grads.add_chunk(s, hidden[s:e], dz)
+        del logp, dz, t
+    return losses, tok_w
+
+
+def _take_forward_gradients(ctx: FunctionCtx) -> _Gradients:
+    """The gradients the forward formed, handed out once: a second backward has none left."""
+    if ctx.grads is None:
+        raise RuntimeError("backward through chunked_lm_head_loss a second time (retain_graph=True) is not "
+                           "supported: its gradients are formed in forward and released by the first backward")
+    grads, ctx.grads = ctx.grads, None
+    return grads
+
+
 def _weight_grad_by_vocab_blocks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 labels: torch.Tensor, lse: torch.Tensor, tok_w: torch.Tensor, chunk_tokens: int,
-                                 block_rows: int, logit_scale: float | None, softcap: float | None,
+                                 labels: torch.Tensor, lse: torch.Tensor, tok_w: torch.Tensor, spec: LMHeadSpec,
                                  grad_out: torch.Tensor, autocast: dict) -> torch.Tensor:
     """dW of the summed loss, one block of vocabulary rows at a time: the block's logits are recomputed per token
     chunk and turned into probabilities with the forward's log-sum-exp, so only a block x d fp32 accumulator exists.
     A backward chunk has V / (2 block_rows) times the forward's tokens: half its logits (the fp32 copies of the
     block's gradient and of the hidden chunk take the rest), in larger GEMMs than the forward's chunk would give.
     ``labels`` clamped; ignored tokens have weight 0 (and lse = inf where the forward skipped them)."""
-    chunk_tokens *= max(1, weight.shape[0] // (2 * block_rows))
+    block_rows = spec.weight_grad_block_rows
+    chunk_tokens = spec.chunk_tokens * max(1, weight.shape[0] // (2 * block_rows))
     chunks = [s for s in range(0, hidden.shape[0], chunk_tokens) if not bool(lse[s:s + chunk_tokens].isinf().all())]
     grad_w = torch.empty_like(weight)
-    acc_dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
     for v0 in range(0, weight.shape[0], block_rows):
         v1 = min(v0 + block_rows, weight.shape[0])
-        acc = torch.zeros((v1 - v0, weight.shape[1]), dtype=acc_dtype, device=weight.device)
+        acc = torch.zeros((v1 - v0, weight.shape[1]), dtype=accumulation_dtype(weight.dtype), device=weight.device)
         block_bias = bias[v0:v1] if bias is not None else None
         for s in chunks:
             e = s + chunk_tokens
             with torch.autocast(**autocast):  # same logits precision as the forward
-                z, t = _chunk_logits(hidden[s:e], weight[v0:v1], block_bias, logit_scale, softcap)
+                z, t = _chunk_logits(hidden[s:e], weight[v0:v1], block_bias, spec)
             dz = z.sub_(lse[s:e, None]).exp_()  # softmax over the whole vocabulary, this block's columns
             hits = (labels[s:e] >= v0) & (labels[s:e] < v1)
             cols = (labels[s:e] - v0).clamp_(0, v1 - v0 - 1)
             with torch.autocast(hidden.device.type, enabled=False):
-                dz = _logits_gradient(dz, t, cols, tok_w[s:e], logit_scale, hits.to(dz.dtype))
+                dz = _logits_gradient(dz, t, cols, tok_w[s:e], spec, hits.to(dz.dtype))
                 _addmm_wide(acc, dz.to(weight.dtype).t(), hidden[s:e])
             del z, t, dz
         grad_w[v0:v1] = acc.mul_(grad_out)
     return grad_w
 
 
-class ChunkedLMHeadLossFunction(torch.autograd.Function):
-    """Per-token (reduction="none") or summed cross-entropy of ``h W^T`` without materialising N x V logits.
+class SummedLMHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy over ``spec.divisor`` (None: the plain sum), gradients formed in the forward.
 
-    Summed loss with gradients wanted (``grads_in_forward``): each chunk's gradients are formed in the forward,
-    right after its loss, while its logits exist -- the logits matmul runs once, as in vanilla, and backward only
-    scales them by the upstream scalar. The loss is divided by ``divisor`` inside, so the common mean loss gets
-    upstream gradient 1. Per-token losses (whose upstream gradient weights each token) recompute in backward.
-    ``weight_grad_block_rows`` (with ``grads_in_forward``): dW is made in backward by vocabulary blocks instead.
+    The upstream gradient of a summed loss is one scalar, so each chunk's gradients can be made right after its
+    loss, while its logits exist: the logits matmul runs once, as in vanilla, and backward only scales the
+    gradients by that scalar. The loss is divided by the divisor inside, so the common mean loss gets upstream
+    gradient 1 (exact scaling). Nothing is saved for backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, logit_scale, softcap, per_token,
-                divisor, grads_in_forward, weight_grad_block_rows):
-        ctx.chunk_tokens, ctx.ignore_index = chunk_tokens, ignore_index
-        ctx.logit_scale, ctx.softcap, ctx.per_token = logit_scale, softcap, per_token
-        ctx.autocast = autocast_state(hidden.device.type)
-        ctx.grads_in_forward = grads_in_forward
-        valid = labels != ignore_index
-        blocked = grads_in_forward and weight_grad_block_rows is not None and ctx.needs_input_grad[1]
-        ctx.block_rows = weight_grad_block_rows if blocked else None
-        # kept as an attribute, not a saved tensor: saved-tensor hooks (checkpoint offload) must not move them
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not blocked, ctx.needs_input_grad[2])
-        ctx.grads = _Gradients(hidden, weight, bias, wanted) if grads_in_forward else None
-        if ctx.grads is None or blocked:
-            ctx.save_for_backward(hidden, weight, bias, labels)
-        if ctx.grads is not None:
-            tok_w = valid * (1.0 / divisor if divisor is not None else 1.0)
-            safe_labels = labels.clamp_min(0)
-        if blocked:  # a chunk skipped below gets lse = inf: probabilities 0 (its token weights are 0 too)
-            ctx.tok_w = tok_w
-            ctx.lse = torch.full((hidden.shape[0],), math.inf, dtype=torch.float32, device=hidden.device)
-        losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk_tokens):
-            e = s + chunk_tokens
-            if not bool(valid[s:e].any()):
-                continue
-            z, t = _chunk_logits(hidden[s:e], weight, bias, logit_scale, softcap)
-            if ctx.grads is None:
-                losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=ignore_index, reduction="none")
-                continue
-            if blocked:
-                ctx.lse[s:e] = torch.logsumexp(z, dim=-1)
-            logp = torch.log_softmax(z, dim=-1)  # = F.cross_entropy, keeping log p for the gradient
-            del z
-            losses[s:e] = F.nll_loss(logp, labels[s:e], ignore_index=ignore_index, reduction="none")
-            with torch.autocast(hidden.device.type, enabled=False):  # gradients in full precision, as in backward
-                dz = _logits_gradient(logp.exp_(), t, safe_labels[s:e], tok_w[s:e], logit_scale)
-                ctx.grads.add_chunk(s, hidden[s:e], dz)
-            del logp, dz, t
-        if per_token:
-            return losses
-        total = losses.sum()
-        return total / divisor if divisor is not None else total
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, spec: LMHeadSpec) -> torch.Tensor:
+        """The loss, and its gradients for an upstream gradient of 1 kept in ``ctx.grads``."""
+        ctx.grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
+        losses, _ = _chunk_losses_and_gradients(hidden, weight, bias, labels, spec, ctx.grads)
+        return _reduce(losses, False, spec.divisor)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        nones = (None,) * 9
-        if ctx.grads_in_forward:
-            if ctx.grads is None:  # gradients formed in forward were already given out
-                raise RuntimeError("backward through chunked_lm_head_loss a second time (retain_graph=True) is not "
-                                   "supported: its gradients are formed in forward and released by the first "
-                                   "backward")
-            grads, ctx.grads = ctx.grads, None
-            grad_h, grad_w, grad_b = grads.release(grad_out)
-            if ctx.block_rows is not None:
-                hidden, weight, bias, labels = ctx.saved_tensors
-                grad_w = _weight_grad_by_vocab_blocks(
-                    hidden, weight, bias, labels.clamp_min(0), ctx.lse, ctx.tok_w, ctx.chunk_tokens, ctx.block_rows,
-                    ctx.logit_scale, ctx.softcap, grad_out, ctx.autocast)
-                del ctx.lse, ctx.tok_w
-            return (grad_h, grad_w, grad_b, *nones)
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> Grads:
+        """The forward's gradients times the upstream scalar."""
+        return (*_take_forward_gradients(ctx).release(grad_out), None, None)
+
+
+class PerTokenLMHeadLoss(torch.autograd.Function):
+    """Per-token cross-entropy (0 where ignored); backward recomputes each chunk's logits.
+
+    Each token's upstream gradient weights its logits gradient and is only known in backward, so the forward keeps
+    no gradients: it saves h, W, b and the labels, and backward makes each chunk's logits again (under the
+    forward's autocast) and forms its gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, spec: LMHeadSpec) -> torch.Tensor:
+        """The losses; the inputs saved for the recompute."""
+        ctx.spec, ctx.autocast = spec, autocast_state(hidden.device.type)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        return _chunk_losses(hidden, weight, bias, labels, spec)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> Grads:
+        """Per chunk: logits again, d(loss)/d(logits) weighted by each token's upstream gradient, then dh, dW, db."""
         hidden, weight, bias, labels = ctx.saved_tensors
-        valid = labels != ctx.ignore_index
-        # per-token weight of d(loss)/d(logit): the upstream gradient, zero on ignored tokens
-        tok_w = (grad_out if ctx.per_token else grad_out.expand(labels.shape[0])).float() * valid
+        spec = ctx.spec
+        valid = labels != spec.ignore_index
+        tok_w = grad_out.float() * valid  # zero on ignored tokens
         grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
         safe_labels = labels.clamp_min(0)
-        for s in range(0, hidden.shape[0], ctx.chunk_tokens):
-            e = s + ctx.chunk_tokens
-            if not bool(valid[s:e].any()):
-                continue
+        for s in _chunks_with_labels(valid, spec.chunk_tokens):
+            e = s + spec.chunk_tokens
             with torch.autocast(**ctx.autocast):  # same logits precision as the forward
-                z, t = _chunk_logits(hidden[s:e], weight, bias, ctx.logit_scale, ctx.softcap)
+                z, t = _chunk_logits(hidden[s:e], weight, bias, spec)
             dz = torch.softmax(z, dim=-1)
             del z
-            grads.add_chunk(s, hidden[s:e], _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e], ctx.logit_scale))
+            grads.add_chunk(s, hidden[s:e], _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e], spec))
             del dz, t
-        return (*grads.release(), *nones)
+        return (*grads.release(), None, None)
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+class BlockedWeightGradLMHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy as ``SummedLMHeadLoss``, its weight gradient made in backward by vocabulary blocks.
+
+    The forward forms dh and db as ``SummedLMHeadLoss`` does but no V x d dW buffer; it keeps each token's
+    log-sum-exp (inf on skipped chunks) and saves h, W, b and the labels, from which backward recomputes the logits
+    ``spec.weight_grad_block_rows`` vocabulary rows at a time (``_weight_grad_by_vocab_blocks``).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, spec: LMHeadSpec) -> torch.Tensor:
+        """The loss; dh and db for an upstream gradient of 1 in ``ctx.grads``; each token's log-sum-exp and
+        logits-gradient weight in ``ctx.lse`` and ``ctx.tok_w`` (attributes, not saved tensors: saved-tensor hooks
+        must not move them)."""
+        ctx.spec, ctx.autocast = spec, autocast_state(hidden.device.type)
+        needs = ctx.needs_input_grad
+        ctx.grads = _Gradients(hidden, weight, bias, (needs[0], False, needs[2]))
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.lse = torch.full((hidden.shape[0],), math.inf, dtype=torch.float32, device=hidden.device)
+        losses, ctx.tok_w = _chunk_losses_and_gradients(hidden, weight, bias, labels, spec, ctx.grads, ctx.lse)
+        return _reduce(losses, False, spec.divisor)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> Grads:
+        """dh and db from the forward times the upstream scalar; dW by vocabulary blocks."""
+        grad_h, _, grad_b = _take_forward_gradients(ctx).release(grad_out)
+        hidden, weight, bias, labels = ctx.saved_tensors
+        grad_w = _weight_grad_by_vocab_blocks(hidden, weight, bias, labels.clamp_min(0), ctx.lse, ctx.tok_w, ctx.spec,
+                                              grad_out, ctx.autocast)
+        del ctx.lse, ctx.tok_w
+        return (grad_h, grad_w, grad_b, None, None)
 
 
-def _flatten_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, d) hidden states and (N,) labels on their device, after checking that they align."""
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    return flat_h, labels.reshape(-1).to(flat_h.device)
-
-
-def _loss_divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
-                 num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | None:
-    """What the summed loss is divided by: for "mean", HF's ``num_items_in_batch`` if given, else the global count
-    of valid labels (0 when all are ignored: a NaN loss, as HF's); None for "sum" / "none"."""
-    if reduction != "mean":
-        return None
-    divisor = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
-    # a tensor also for a Python number: HF divides the summed loss by it as a tensor (inf / NaN for 0)
-    return torch.as_tensor(divisor, device=labels.device)
+def _lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                  spec: LMHeadSpec, per_token: bool) -> torch.Tensor:
+    """Loss of (N, d) ``hidden`` against (N,) ``labels`` by the mode that fits: the loss alone when nothing needs a
+    gradient, else per-token losses recomputed in backward, or a summed loss with gradients formed in the forward
+    (the weight gradient by vocabulary blocks with ``spec.weight_grad_block_rows`` and a weight that needs one)."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        with torch.no_grad():
+            return _reduce(_chunk_losses(hidden, weight, bias, labels, spec), per_token, spec.divisor)
+    if per_token:
+        return PerTokenLMHeadLoss.apply(hidden, weight, bias, labels, spec)
+    if spec.weight_grad_block_rows is not None and weight.requires_grad:
+        return BlockedWeightGradLMHeadLoss.apply(hidden, weight, bias, labels, spec)
+    return SummedLMHeadLoss.apply(hidden, weight, bias, labels, spec)
 
 
 def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -326,10 +334,7 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     chunk = lm_head_chunk_tokens(max(flat_h.shape[0], 1), weight.shape[0], weight.shape[1],
                                  chunk_tokens=chunk_tokens, num_chunks=num_chunks,
                                  logits_budget_bytes=logits_budget_bytes)
-    divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
-    grads_in_forward = (reduction != "none" and torch.is_grad_enabled()
-                        and any(t is not None and t.requires_grad for t in (flat_h, weight, bias)))
-    out = ChunkedLMHeadLossFunction.apply(flat_h, weight, bias, flat_y, chunk, ignore_index, logit_scale,
-                                          final_logit_softcapping, reduction == "none", divisor, grads_in_forward,
-                                          weight_grad_block_rows)
+    spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping,
+                      _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch), weight_grad_block_rows)
+    out = _lm_head_loss(flat_h, weight, bias, flat_y, spec, reduction == "none")
     return out.view(labels.shape) if reduction == "none" else out

@@ -8,9 +8,9 @@ forward: per chunk of tokens, under no_grad, logits = head_fn(h_chunk), upcast l
 stays float64), scaled / softcapped as in ``chunked_lm_head_loss``, and the chunk's cross-entropy. Only the hidden
 states, the labels and each chunk's RNG state are kept.
 backward: per chunk, head_fn again with grad enabled, from that chunk's forward RNG state (the same dropout masks,
-``ChunkRNGStates``) and under the forward's autocast; the logits gradient in closed form (softmax - onehot, shared
-with ``chunked_lm_head_loss``); autograd then gives the hidden chunk's and the params' gradients, which are summed
-over chunks (fp32 for bf16/fp16 params, ``ParamGrads``).
+``recompute.ChunkRNGStates``) and under the forward's autocast; the logits gradient in closed form (softmax -
+onehot, ``lm_head_common``, shared with ``chunked_lm_head_loss``); autograd then gives the hidden chunk's and the
+params' gradients, which are summed over chunks (fp32 for bf16/fp16 params, ``recompute.ParamGrads``).
 Chunks whose labels are all ignored are skipped in both passes: head_fn is not called on them.
 
 Legend: N = tokens (batch x seq flattened), d = hidden, V = vocab, C = chunk tokens.
@@ -24,10 +24,11 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
-from .chunked_lm_head_loss import (_check_reduction, _finish_logits, _flatten_tokens, _logits_gradient, _loss_divisor,
-                                   lm_head_chunk_tokens)
-from .mini_sequence_mlp import ChunkRNGStates, ParamGrads, autocast_state
+from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
+                             _loss_divisor, _reduce, lm_head_chunk_tokens)
+from .recompute import ChunkRNGStates, ParamGrads, autocast_state
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
 _N_ARGS = 10  # ChunkedModuleLMHeadLossFunction.forward's inputs before *params
@@ -48,29 +49,20 @@ def _labelled_chunks(valid: torch.Tensor, chunk_tokens: int) -> list[int]:
 
 
 def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: Sequence[int],
-                  chunk_tokens: int, ignore_index: int, logit_scale: float | None, softcap: float | None,
-                  rng: ChunkRNGStates | None) -> torch.Tensor:
+                  spec: LMHeadSpec, rng: ChunkRNGStates | None) -> torch.Tensor:
     """Per-token cross-entropy (0 where ignored), one chunk's logits at a time; call without grad. ``rng`` records
     each chunk's starting RNG state for the recompute."""
     losses = None
     for s in starts:
-        e = s + chunk_tokens
+        e = s + spec.chunk_tokens
         if rng is not None:
             rng.capture()
-        z, _ = _finish_logits(_upcast(head_fn(hidden[s:e])), logit_scale, softcap)
+        z, _ = _finish_logits(_upcast(head_fn(hidden[s:e])), spec)
         if losses is None:
             losses = z.new_zeros(hidden.shape[0])
-        losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=ignore_index, reduction="none")
+        losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=spec.ignore_index, reduction="none")
         del z
     return losses if losses is not None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-
-
-def _reduce(losses: torch.Tensor, per_token: bool, divisor: int | torch.Tensor | None) -> torch.Tensor:
-    """The returned loss: per-token losses, or their sum over ``divisor`` (None: the plain sum)."""
-    if per_token:
-        return losses
-    total = losses.sum()
-    return total / divisor if divisor is not None else total
 
 
 class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
@@ -82,40 +74,41 @@ class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: list[int],
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: list[int],
                 chunk_tokens: int, ignore_index: int, logit_scale: float | None, softcap: float | None,
                 per_token: bool, divisor: int | torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
-        ctx.head_fn, ctx.params, ctx.starts, ctx.chunk_tokens = head_fn, params, starts, chunk_tokens
-        ctx.ignore_index, ctx.logit_scale, ctx.softcap = ignore_index, logit_scale, softcap
-        ctx.per_token, ctx.divisor = per_token, divisor
+        """The loss, each chunk under no_grad (the head's graph is not kept), its RNG state recorded."""
+        spec = LMHeadSpec(chunk_tokens, ignore_index, logit_scale, softcap, divisor)
+        ctx.head_fn, ctx.params, ctx.starts, ctx.spec, ctx.per_token = head_fn, params, starts, spec, per_token
         ctx.autocast, ctx.rng = autocast_state(hidden.device.type), ChunkRNGStates(hidden)
         ctx.save_for_backward(hidden, labels)
-        losses = _chunk_losses(hidden, labels, head_fn, starts, chunk_tokens, ignore_index, logit_scale, softcap,
-                               ctx.rng)
-        return _reduce(losses, per_token, divisor)
+        return _reduce(_chunk_losses(hidden, labels, head_fn, starts, spec, ctx.rng), per_token, divisor)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Per chunk: head_fn again (forward's RNG and autocast), the logits gradient in closed form, then autograd
+        for the hidden chunk's and the params' gradients."""
         hidden, labels = ctx.saved_tensors
+        spec = ctx.spec
         want_h = ctx.needs_input_grad[0]
         param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[_N_ARGS:])
         # per-token weight of d(loss)/d(logit): the upstream gradient (over the divisor), zero on ignored tokens
         upstream = grad_out if ctx.per_token else grad_out.expand(labels.shape[0])
-        if ctx.divisor is not None:
-            upstream = upstream / ctx.divisor
-        tok_w = upstream * (labels != ctx.ignore_index)
+        if spec.divisor is not None:
+            upstream = upstream / spec.divisor
+        tok_w = upstream * (labels != spec.ignore_index)
         safe_labels = labels.clamp_min(0)
         grad_h = torch.zeros_like(hidden) if want_h else None
         for i, s in enumerate(ctx.starts):
-            e = s + ctx.chunk_tokens
+            e = s + spec.chunk_tokens
             hc = hidden[s:e].detach().requires_grad_(want_h)
             with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
                 logits = ctx.head_fn(hc)
             with torch.autocast(hidden.device.type, enabled=False):  # the loss gradient in full precision
-                z, t = _finish_logits(_upcast(logits), ctx.logit_scale, ctx.softcap)
+                z, t = _finish_logits(_upcast(logits), spec)
                 dz = torch.softmax(z, dim=-1)
                 del z
-                dz = _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e].to(dz.dtype), ctx.logit_scale)
+                dz = _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e].to(dz.dtype), spec)
             inputs = ([hc] if want_h else []) + param_grads.wanted
             # dz in the logits' dtype: the precision of vanilla's logits gradient
             grads = torch.autograd.grad(logits, inputs, dz.to(logits.dtype), allow_unused=True)
@@ -168,8 +161,8 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
                                                     logit_scale, final_logit_softcapping, per_token, divisor,
                                                     *params)
     else:  # nothing needs a gradient: the loss alone, no RNG states kept
+        spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor)
         with torch.no_grad():
-            losses = _chunk_losses(flat_h, flat_y, head_fn, starts, chunk, ignore_index, logit_scale,
-                                   final_logit_softcapping, None)
+            losses = _chunk_losses(flat_h, flat_y, head_fn, starts, spec, None)
         out = _reduce(losses, per_token, divisor)
     return out.view(labels.shape) if per_token else out

@@ -1,107 +1,37 @@
 """Mini-sequence MLP (MsT Algorithm 1 + 3), exact and actually memory-saving.
 
-The MLP of a decoder layer is token-wise, so its S x I intermediates (gate, up, act(gate)*up) can be produced a
-mini-sequence at a time. The paper's official code ran a plain Python loop under autograd, which still saves every
+The MLP of a decoder layer is token-wise, so its S x I intermediates (gate, up, act(gate)*up) can be produced one
+chunk of tokens at a time. The paper's official code ran a plain Python loop under autograd, which still saves every
 chunk's intermediates for backward (paper.md §5.2 item 5). Here the forward runs each chunk under ``no_grad`` and
 saves only the input X; backward recomputes one chunk at a time and asks autograd for that chunk's input and weight
 gradients, so peak intermediate memory is one chunk's, and weight gradients still reach ``.grad`` through autograd
 (no manual ``.grad`` writes: DDP / FSDP / ZeRO hooks and gradient accumulation behave as with the plain module).
 
-The recompute replays each chunk's forward RNG state (``ChunkRNGStates``), so an ``fn`` with dropout (nn.Dropout,
-a LoRA adapter's lora_dropout) gets the gradient of the output it returned, as under torch.utils.checkpoint.
+The recompute replays each chunk's forward RNG state and autocast settings (``recompute``), so an ``fn`` with
+dropout (nn.Dropout, a LoRA adapter's lora_dropout) gets the gradient of the output it returned, as under
+torch.utils.checkpoint.
 
 Legend: N = tokens (batch x seq flattened), d = hidden size, C = chunk tokens, M = ceil(N / C) chunks.
 Cost: one extra MLP forward per chunk in backward (the recompute); FLOPs otherwise unchanged. Under activation
-checkpointing that recompute replaces the checkpoint's own re-run of the MLP (see ``_SaveMLPInput``). Memory: M
-generator states besides X (the CPU one's 5 KB each, plus 16 bytes for a CUDA input).
+checkpointing that recompute replaces the checkpoint's own re-run of the MLP (see ``_keep_input_for_backward``).
+Memory: M generator states besides X (the CPU one's 5 KB each, plus 16 bytes for a CUDA input).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch.autograd.function import FunctionCtx
+
+from .recompute import ChunkRNGStates, ParamGrads, autocast_state
 
 MLPFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def autocast_state(device_type: str) -> dict:
-    """The ambient autocast settings, to re-enter in backward: autograd runs backward outside the caller's
-    ``torch.autocast``, so a recompute there would otherwise run in a different precision than the forward."""
-    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
-            "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
-
-
-class ChunkRNGStates:
-    """The random-generator state in front of each chunk's forward, replayed in front of that chunk's recompute.
-
-    A recompute of code that draws random numbers (dropout) would otherwise draw fresh masks, and its gradient would
-    not be the gradient of the forward's output. As torch.utils.checkpoint does: the CPU generator and, for an
-    accelerator tensor, its device's generator; each replay runs inside ``fork_rng``, so the caller's stream after
-    backward is the one the forward left. Kept as plain attributes (not saved tensors).
-    """
-
-    def __init__(self, like: torch.Tensor):
-        device_type = like.device.type
-        self.devices = [] if device_type in ("cpu", "meta") else [like.get_device()]
-        self.device_type = device_type if self.devices else "cpu"
-        self.module = torch.get_device_module(device_type) if self.devices else None
-        self.states: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-
-    def capture(self) -> None:
-        """Record the state the next chunk's forward starts from."""
-        self.states.append((torch.get_rng_state(), [self.module.get_rng_state(d) for d in self.devices]))
-
-    @contextlib.contextmanager
-    def replay(self, chunk: int) -> Iterator[None]:
-        """Run the block from the state captured before forward chunk number ``chunk``; restore the caller's after."""
-        cpu_state, device_states = self.states[chunk]
-        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
-            torch.set_rng_state(cpu_state)
-            for device, state in zip(self.devices, device_states):
-                self.module.set_rng_state(state, device)
-            yield
-
-
-class ParamGrads:
-    """Per-chunk gradients of the ``params`` that need one, summed over chunks.
-
-    fp32 accumulators for low-precision params: the M chunk gradients are summed without further rounding (each
-    chunk's gradient is still rounded once to the param dtype by autograd; measured bf16 weight-grad error is within
-    ~5% of vanilla's, tests/integrations/test_hf_bf16.py).
-    """
-
-    def __init__(self, params: Sequence[torch.Tensor], needs: Sequence[bool]):
-        self.params, self.needs = params, needs
-        self.wanted = [p for p, need in zip(params, needs) if need]
-        self.accs: list[torch.Tensor | None] = [None] * len(self.wanted)
-
-    def add(self, grads: Sequence[torch.Tensor | None]) -> None:
-        """Add one chunk's gradients of ``self.wanted`` (None where the chunk did not use a param)."""
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            if self.accs[i] is None:
-                self.accs[i] = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
-            else:
-                self.accs[i].add_(g)
-
-    def result(self, zeros_if_unused: bool = False) -> list[torch.Tensor | None]:
-        """One entry per param, in its dtype: None where not needed, or where unused unless ``zeros_if_unused``."""
-        it = iter(self.accs)
-        out = []
-        for p, need in zip(self.params, self.needs):
-            g = next(it) if need else None
-            if g is None and need and zeros_if_unused:
-                g = torch.zeros_like(p)
-            out.append(g.to(p.dtype) if g is not None else None)
-        return out
-
-
 def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int, rng: ChunkRNGStates | None = None) -> torch.Tensor:
-    """fn over mini-sequences of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq; ``rng``
-    records each chunk's starting RNG state for the recompute."""
+    """fn over chunks of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq; ``rng`` records each
+    chunk's starting RNG state for the recompute."""
     flat = x.reshape(-1, x.shape[-1])  # (N, d)
     outs = []
     for c in flat.split(chunk_tokens):
@@ -121,7 +51,7 @@ def default_mlp_chunk_tokens(hidden_size: int) -> int:
 
 def resolve_chunk_tokens(n_tokens: int, chunk_tokens: int | None = None, num_chunks: int | None = None,
                          default: int | None = None) -> int:
-    """Tokens per mini-sequence from either a token count or a chunk count M (no split when N <= C)."""
+    """Tokens per chunk from either a token count or a chunk count M (no split when N <= C)."""
     if chunk_tokens is not None and num_chunks is not None:
         raise ValueError("give chunk_tokens or num_chunks, not both")
     if num_chunks is not None:
@@ -135,36 +65,51 @@ def resolve_chunk_tokens(n_tokens: int, chunk_tokens: int | None = None, num_chu
 
 
 class _SaveMLPInput(torch.autograd.Function):
-    """Identity on ``x`` that saves it for the mini-sequence MLP's backward *before* the MLP runs.
-
-    Under non-reentrant activation checkpointing the layer's recompute stops as soon as every tensor saved in the
-    forward is back (torch's early stop). Saved here, X is the MLP's last saved tensor in a Llama-style layer (the
-    residual add after it saves nothing), so the recompute ends before the MLP and MsT+AC runs the MLP forward twice
-    per step, as AC does, instead of three times. Where something after the MLP saves its output (Gemma-2's post-MLP
-    norm) the recompute simply continues through the MLP: correct either way. ``params`` are inputs only so that this
-    node exists whenever anything needs a gradient.
-    """
+    """Identity on ``x`` that saves it; see ``_keep_input_for_backward``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """Save ``x``; the view returned is what the MLP consumes, so this node comes before it in the graph."""
         ctx.save_for_backward(x)
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The gradient passes through to ``x``; the params get theirs from ``MiniSequenceMLPFunction``."""
         return (grad, *[None] * (len(ctx.needs_input_grad) - 1))
+
+
+def _keep_input_for_backward(x: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``x`` through an identity node that saves it, *before* the MLP runs, for the mini-sequence MLP's backward;
+    that node (the result's ``grad_fn``) is what ``MiniSequenceMLPFunction`` reads X from.
+
+    Why a separate node in front, and not ``save_for_backward`` in the MLP's own Function: under non-reentrant
+    activation checkpointing the layer's recompute stops as soon as every tensor saved in the forward is back
+    (torch's early stop). Saved here, X is the MLP's last saved tensor in a Llama-style layer (the residual add
+    after it saves nothing), so the recompute ends before the MLP and MsT + checkpointing runs the MLP forward twice
+    per step, as checkpointing alone does, instead of three times. Where something after the MLP saves its output
+    (Gemma-2's post-MLP norm) the recompute simply continues through the MLP: correct either way. It composes with
+    FSDP and ZeRO because nothing here touches parameters behind autograd's back: ``params`` are declared as inputs
+    of this node (so it exists whenever anything needs a gradient, even with a frozen ``x``) and of
+    ``MiniSequenceMLPFunction`` (so autograd routes their gradients through it); the gradients are returned to
+    autograd and never written to ``.grad``, so the gradient hooks those wrappers install (reduce-scatter,
+    partitioned accumulation) fire as for the plain module.
+    """
+    return _SaveMLPInput.apply(x, *params)
 
 
 class MiniSequenceMLPFunction(torch.autograd.Function):
     """y = fn(x) computed chunk by chunk along the token axis; saves nothing itself (X is held by ``saver``, the
-    ``_SaveMLPInput`` node that produced ``x``), besides each chunk's RNG state for the recompute.
+    ``_keep_input_for_backward`` node that produced ``x``), besides each chunk's RNG state for the recompute.
 
     ``params`` must be every tensor ``fn`` closes over that may need a gradient: they are declared as inputs so
     that autograd routes their gradients back through this node.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, saver, fn: MLPFn, chunk_tokens: int, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, x: torch.Tensor, saver: torch.autograd.graph.Node, fn: MLPFn, chunk_tokens: int,
+                *params: torch.Tensor) -> torch.Tensor:
+        """Each chunk under no_grad (no intermediates kept), its RNG state recorded for the recompute."""
         ctx.saver, ctx.params = saver, params
         ctx.fn, ctx.chunk_tokens, ctx.autocast = fn, chunk_tokens, autocast_state(x.device.type)
         ctx.rng = ChunkRNGStates(x)
@@ -172,7 +117,8 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
             return _map_chunks(fn, x.detach(), chunk_tokens, ctx.rng)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Recompute one chunk at a time (forward's RNG and autocast) and let autograd give its gradients."""
         (x,) = ctx.saver.saved_tensors
         want_x = ctx.needs_input_grad[0]
         param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[4:])
@@ -197,7 +143,7 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
 
 def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor], chunk_tokens: int,
                       mode: str = "recompute") -> torch.Tensor:
-    """Apply a token-wise ``fn`` to ``x`` (..., d) in mini-sequences of ``chunk_tokens`` tokens.
+    """Apply a token-wise ``fn`` to ``x`` (..., d) in chunks of ``chunk_tokens`` tokens.
 
     mode="recompute": exact MsT, saves only ``x`` (the default).
     mode="naive": the official code's plain loop under autograd (saves every chunk's intermediates); kept only to
@@ -213,7 +159,7 @@ def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor]
         return _map_chunks(fn, x, chunk_tokens)
     if mode != "recompute":
         raise ValueError(f"mode must be 'recompute' or 'naive', got {mode!r}")
-    kept = _SaveMLPInput.apply(x, *params) if torch.is_grad_enabled() else x
+    kept = _keep_input_for_backward(x, params) if torch.is_grad_enabled() else x
     if kept.grad_fn is None:  # nothing needs a gradient: no graph, no recompute
         with torch.no_grad():
             return _map_chunks(fn, x.detach(), chunk_tokens)

@@ -1,0 +1,121 @@
+"""What the two chunked LM-head losses share: their settings, the chunk rule, one chunk's loss math, HF's semantics.
+
+``chunked_lm_head_loss`` (logits from the head's weight) and ``chunked_module_lm_head_loss`` (logits from the head
+module) compute the same loss: per chunk of tokens, fp32 logits, optional logit scaling and final-logit
+softcapping (Gemma-2/3), cross-entropy, and for gradients the closed-form d(loss)/d(logits). Both read their
+settings from one ``LMHeadSpec`` and follow HF's ``ForCausalLMLoss`` for reductions and the divisor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: ``divisor`` is a tensor, compared by identity
+class LMHeadSpec:
+    """How a chunked LM-head loss is computed; one argument of its autograd Functions instead of a dozen.
+
+    chunk_tokens: tokens per chunk (C). ignore_index: the label of tokens that do not count.
+    logit_scale: the logits are multiplied by it (None: not scaled). softcap: final-logit softcapping,
+    ``softcap * tanh(z / softcap)`` (None: none). divisor: what the summed loss is divided by -- the mean's count
+    of valid labels or HF's ``num_items_in_batch``, a tensor (None: the plain sum; per-token losses have none).
+    weight_grad_block_rows: for a summed loss from the head's weight, make the weight gradient in backward this many
+    vocabulary rows at a time instead of in a V x d fp32 buffer (None: the buffer).
+    """
+
+    chunk_tokens: int
+    ignore_index: int = -100
+    logit_scale: float | None = None
+    softcap: float | None = None
+    divisor: torch.Tensor | int | None = None
+    weight_grad_block_rows: int | None = None
+
+
+def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, chunk_tokens: int | None = None,
+                         num_chunks: int | None = None, logits_budget_bytes: int | None = None) -> int:
+    """Tokens per LM-head chunk. Default: M = ceil(V / d) chunks (the paper's rule: 32 for Llama3, 72 for Gemma-2)
+    but never fewer than d / 4 tokens per chunk, so short sequences do not run 32-token chunks (11x slower than
+    unchunked at S=1024 in the paper) while long ones, where memory matters, chunk exactly as the paper does
+    (measured in experiments/table13_16: same max lengths; a d-token floor would cost Gemma-2-9B a third of its max length).
+
+    Exactly one of ``chunk_tokens`` / ``num_chunks`` / ``logits_budget_bytes`` may be given; the byte budget bounds
+    one chunk's fp32 logits (C x V x 4 bytes).
+    """
+    given = [v is not None for v in (chunk_tokens, num_chunks, logits_budget_bytes)]
+    if sum(given) > 1:
+        raise ValueError("give at most one of chunk_tokens, num_chunks, logits_budget_bytes")
+    if chunk_tokens is not None:
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
+        return int(chunk_tokens)
+    if logits_budget_bytes is not None:
+        if logits_budget_bytes < vocab_size * 4:
+            raise ValueError(f"logits_budget_bytes={logits_budget_bytes} is below one token's fp32 logits "
+                             f"({vocab_size * 4} bytes)")
+        return int(logits_budget_bytes // (vocab_size * 4))
+    if num_chunks is None:
+        num_chunks = math.ceil(vocab_size / hidden_size)
+        return max(1, math.ceil(n_tokens / num_chunks), math.ceil(hidden_size / 4))
+    if num_chunks <= 0:
+        raise ValueError(f"num_chunks must be a positive integer, got {num_chunks}")
+    return max(1, math.ceil(n_tokens / num_chunks))
+
+
+def _finish_logits(z: torch.Tensor, spec: LMHeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and softcap the upcast logits ``z`` in place (``z`` must be a tensor of the caller's own); also
+    tanh(z/cap) when softcapping (needed for its derivative)."""
+    if spec.logit_scale is not None:
+        z.mul_(spec.logit_scale)
+    if spec.softcap is None:
+        return z, None
+    t = z.div_(spec.softcap).tanh_()
+    return t * spec.softcap, t
+
+
+def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, tok_w: torch.Tensor,
+                     spec: LMHeadSpec, hits: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """d(loss)/d(raw logits) of one chunk, in place on its softmax ``dz``: (softmax - onehot) x per-token weight,
+    times the softcap and scale derivatives. ``labels`` are clamped (ignored tokens have weight 0); ``hits`` is 1
+    where a token's label column lies in ``dz`` (a vocabulary block may not hold it)."""
+    rows = torch.arange(dz.shape[0], device=dz.device)
+    dz[rows, labels] -= hits
+    dz.mul_(tok_w[:, None])
+    if t is not None:  # d(cap * tanh(z/cap))/dz = 1 - tanh^2
+        dz.mul_(t.square_().neg_().add_(1.0))
+    if spec.logit_scale is not None:
+        dz.mul_(spec.logit_scale)
+    return dz
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _flatten_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) hidden states and (N,) labels on their device, after checking that they align."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    return flat_h, labels.reshape(-1).to(flat_h.device)
+
+
+def _loss_divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
+                  num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | None:
+    """What the summed loss is divided by: for "mean", HF's ``num_items_in_batch`` if given, else the global count
+    of valid labels (0 when all are ignored: a NaN loss, as HF's); None for "sum" / "none"."""
+    if reduction != "mean":
+        return None
+    divisor = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
+    # a tensor also for a Python number: HF divides the summed loss by it as a tensor (inf / NaN for 0)
+    return torch.as_tensor(divisor, device=labels.device)
+
+
+def _reduce(losses: torch.Tensor, per_token: bool, divisor: torch.Tensor | int | None) -> torch.Tensor:
+    """The returned loss: per-token losses, or their sum over ``divisor`` (None: the plain sum)."""
+    if per_token:
+        return losses
+    total = losses.sum()
+    return total / divisor if divisor is not None else total
