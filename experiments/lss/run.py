@@ -26,8 +26,9 @@ import transformers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from plot import figure, markdown  # noqa: E402
+from common import positive_int, write_results  # noqa: E402  (experiments/)
 
 from mst.distributed import predict_step  # noqa: E402
 
@@ -128,20 +129,20 @@ def extrapolate() -> dict:
             "paper_points": paper_points}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2],
+    parser.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seq-len", type=positive_int, default=4096)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--kv-heads", type=positive_int, nargs="+", default=[8, 2],
                         help="one run per value: 8 = multi-head (the paper's GPT), 2 = GQA (Llama-3's 4:1)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse point JSONs already in out-dir/points")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
 
@@ -159,9 +160,7 @@ def main() -> None:
         "extrapolation": extrapolate(),
     }
     out = Path(args.out_dir) / f"lss_{args.device}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text(markdown(results))
+    write_results(out, results, markdown(results))  # each file replaced atomically
     figure(results, out.with_suffix(".png"))
     print(markdown(results))
     print(f"[lss] communication model max error {worst:.2%} (target <= {MODEL_TOLERANCE:.0%}); "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ import mst.distributed as md
 from mst.data import documents
 from mst.distributed.comm_stats import grad_buckets
 from mst.memory.measure import measure_peak
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import atomic_output, positive_int  # noqa: E402
 
 BACKENDS = ("lss", "ulysses", "allgather")
 
@@ -131,18 +135,18 @@ def run_backend(backend: str, args, config, data, env) -> dict:
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--seq-len", type=int, default=4096, help="global sequence length (tokens = bytes)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per backend")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=4096, help="global sequence length (tokens = bytes)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per backend")
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--kv-heads", type=positive_int, default=8)
     parser.add_argument("--out", required=True, help="JSON written by rank 0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     env = md.init_distributed(device=args.device)
     config = char_config(args.layers, args.hidden, args.heads, args.kv_heads)
@@ -156,8 +160,8 @@ def main() -> None:
                                                               "num_attention_heads", "num_key_value_heads",
                                                               "head_dim", "vocab_size")},
                  "corpus": "KJV Bible, UTF-8 bytes", "strategy": "mst", "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(point, indent=1))
+        with atomic_output(args.out) as tmp:  # replaced whole: a killed run leaves no half JSON for --reuse
+            tmp.write_text(json.dumps(point, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from mst.memory import max_seq_len, measure_peak, plan
 from mst.memory.planner import DEFAULT_RESERVE_GB, ModelSpec, Workload
 from mst.memory.planner.analytic import _Sizes
 from mst.memory.strategies import STRATEGIES, make_train_step, prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import atomic_output, positive_float, positive_int  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("analytic", "traced")
@@ -181,7 +185,7 @@ def plots(rows: list[dict], lim: dict | None) -> None:
            title="Planner error vs measured step peak")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "errors.png", dpi=120)
+    _save(fig, RESULTS / "errors.png")
     if lim:
         fig, ax = plt.subplots(figsize=(8, 4))
         labels, width = [f"{m}\n{s}" for m in ("llama3-8b", "llama2-7b") for s in STRATEGIES], 0.2
@@ -194,22 +198,39 @@ def plots(rows: list[dict], lim: dict | None) -> None:
         ax.set_xticklabels(labels, fontsize=7)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(RESULTS / "limits.png", dpi=120)
+        _save(fig, RESULTS / "limits.png")
 
 
-def main() -> None:
+def _save(fig, path: Path) -> None:
+    """``fig`` as ``path`` at 120 dpi, replaced atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` as ``path``, replaced atomically (a killed run leaves the previous file whole)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="llama3-8b", help="config whose shape is scaled down in part 1")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the part-1 models")
-    parser.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    parser.add_argument("--layers", type=positive_int, default=2, help="decoder layers of the part-1 models")
+    parser.add_argument("--gpu-mem-gb", type=positive_float, default=80.0)
     parser.add_argument("--quick", action="store_true", help="small grid, no part 2")
     parser.add_argument("--replot", action="store_true", help="rewrite summary.md and the PNGs from the JSON results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.replot:
         rows = json.loads((RESULTS / "compare.json").read_text())["rows"]
         lim = json.loads((RESULTS / "limits.json").read_text())
-        (RESULTS / "summary.md").write_text(summary(rows, lim, lim["gpu_mem_gb"]))
+        _write(RESULTS / "summary.md", summary(rows, lim, lim["gpu_mem_gb"]))
         plots(rows, lim)
         return
     device = torch.device(args.device)
@@ -221,11 +242,11 @@ def main() -> None:
     rows = compare(args, device, dtype)
     lim = None if args.quick else limits(args)
     suffix = "_quick" if args.quick else ("" if device.type == "cpu" else f"_{device.type}")
-    (RESULTS / f"compare{suffix}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    _write(RESULTS / f"compare{suffix}.json", json.dumps({"env": env, "rows": rows}, indent=1))
     if lim is not None:
-        (RESULTS / "limits.json").write_text(json.dumps({"env": env, "gpu_mem_gb": args.gpu_mem_gb, **lim}, indent=1))
+        _write(RESULTS / "limits.json", json.dumps({"env": env, "gpu_mem_gb": args.gpu_mem_gb, **lim}, indent=1))
     text = summary(rows, lim, args.gpu_mem_gb)
-    (RESULTS / f"summary{suffix}.md").write_text(text)
+    _write(RESULTS / f"summary{suffix}.md", text)
     if not args.quick:
         plots(rows, lim)
     print(text)

@@ -27,8 +27,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from plot import figure, markdown  # noqa: E402
+from common import positive_float, positive_int, write_results  # noqa: E402  (experiments/)
 
 MiB = 1024 ** 2
 TARGET_EFFICIENCY = 0.9  # issue 8: MsT + Ulysses max length >= 0.9 x ranks x single-rank max length
@@ -127,18 +128,18 @@ def assemble(args, points: dict[int, dict]) -> dict:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--model", default="scaled", help="'scaled' (CPU default) or an mst.configs name")
     parser.add_argument("--strategies", nargs="+", default=["vanilla", "mst"], choices=["vanilla", "mst"])
-    parser.add_argument("--budget-mib", type=float, default=None,
+    parser.add_argument("--budget-mib", type=positive_float, default=None,
                         help="per-rank budget (default: 32 MiB on CPU, 95%% of the GPU on CUDA)")
-    parser.add_argument("--grain", type=int, default=8, help="search grid, tokens per rank")
+    parser.add_argument("--grain", type=positive_int, default=8, help="search grid, tokens per rank")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse point JSONs already in out-dir/points")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
     if args.budget_mib is None:
@@ -151,8 +152,7 @@ def main() -> None:
     points = {n: run_point(args, n) for n in sorted(set(args.ranks))}
     results = assemble(args, points)
     out = Path(args.out_dir) / f"table12_{args.device}"
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text(markdown(results))
+    write_results(out, results, markdown(results))  # each file replaced atomically
     figure(results, out.with_suffix(".png"))
     print(markdown(results))
     m = results["measured"]

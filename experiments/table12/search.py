@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import mst.distributed as md
 from mst.configs import load_config, scaled_config
 from mst.memory.measure import measure_peak
 from mst.memory.strategies import prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
+from common import atomic_output, positive_float, positive_int  # noqa: E402
 
 MiB = 1024 ** 2
 CPU_BUDGET_MIB = 32.0  # scaled model: above the AdamW step's own peak (~27 MiB), so the length decides
@@ -177,18 +181,19 @@ def timed_step(prober: Prober, seq: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--model", default="scaled", help="'scaled' (CPU) or an mst.configs name, e.g. llama3-8b")
     parser.add_argument("--strategies", nargs="+", default=["vanilla", "mst"], choices=["vanilla", "mst"])
-    parser.add_argument("--budget-mib", type=float, default=None, help="per-rank budget (default_budget_mib)")
-    parser.add_argument("--grain", type=int, default=8, help="search grid, tokens per rank")
+    parser.add_argument("--budget-mib", type=positive_float, default=None, help="per-rank budget (default_budget_mib)")
+    parser.add_argument("--grain", type=positive_int, default=8, help="search grid, tokens per rank")
     parser.add_argument("--out", required=True, help="JSON written by rank 0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     env = md.init_distributed(device=args.device)
-    budget = int((args.budget_mib or default_budget_mib(env.device.type)) * MiB)
+    budget_mib = args.budget_mib if args.budget_mib is not None else default_budget_mib(env.device.type)
+    budget = int(budget_mib * MiB)
     point = {"ranks": env.world_size, "device": env.device.type, "backend": env.backend, "model": args.model,
              "budget_bytes": budget, "grain_tokens_per_rank": args.grain, "strategies": {},
              "torch": torch.__version__, "host": platform.node(),
@@ -205,8 +210,8 @@ def main() -> None:
         md.teardown_sequence_parallel(model)
         del model, prober
     if env.rank == 0:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(point, indent=1))
+        with atomic_output(args.out) as tmp:  # replaced whole: a killed run leaves no half JSON for --reuse
+            tmp.write_text(json.dumps(point, indent=1))
         print(json.dumps({s: v["max_seq_len"] for s, v in point["strategies"].items()}), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

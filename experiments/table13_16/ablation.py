@@ -28,7 +28,6 @@ Outputs: results/table13_16_<device>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -48,13 +47,15 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from mst.configs import load_config, scaled_config
 from mst.memory import max_seq_len, plan
+from mst.memory.length_search import is_allocation_failure
 from mst.memory.measure import free_memory, measure_peak
 from mst.memory.planner.traced import LiveBytes
 from mst.ops import chunked_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from plot import chunk_figure, figure, markdown  # noqa: E402
+from common import nonnegative_int, positive_float, positive_int, write_results  # noqa: E402  (experiments/)
 
 MODEL = "llama3-8b"
 SEQ_LENS = (1024, 2048, 4096, 8192, 20000, 40000, 80000)
@@ -174,7 +175,8 @@ def time_case(case: Case, reps: int, warmup: int, device: str) -> list[float]:
 
 
 def measure_case(op: str, config, seq: int, setting: dict, args, *, memory: bool = True) -> dict:
-    """Measured cell: peak (``measure_peak``, in ``args.mem_dtype``) and time (``args.time_dtype``); OOM is a result."""
+    """Measured cell: peak (``measure_peak``, in ``args.mem_dtype``) and time (``args.time_dtype``); running out of
+    memory (``is_allocation_failure``: CUDA, cuBLAS or CPU allocator) is a result, any other error propagates."""
     out: dict = {}
     try:
         if memory:
@@ -187,7 +189,9 @@ def measure_case(op: str, config, seq: int, setting: dict, args, *, memory: bool
         case = build(op, config, seq, args.time_dtype, args.device, setting)
         times = time_case(case, args.reps, args.warmup, args.device)
         out.update(time_s=statistics.median(times), times_s=times)
-    except torch.OutOfMemoryError:
+    except Exception as exc:
+        if not is_allocation_failure(exc):
+            raise
         out["oom"] = True
     free_memory()
     return out
@@ -341,23 +345,23 @@ def lm_head_target(table: dict, full, scaled, args, bar: tqdm) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--scale", type=int, default=None,
+    parser.add_argument("--scale", type=positive_int, default=None,
                         help="k: measured ops use d/k, I/k, V/k and S/k (default 32 on CPU, 1 on CUDA)")
-    parser.add_argument("--chunk-scale", type=int, default=None,
+    parser.add_argument("--chunk-scale", type=positive_int, default=None,
                         help="the same for the chunk-size timings (default 16 on CPU, 1 on CUDA)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS), help="full-size S")
-    parser.add_argument("--chunks", type=int, nargs="+", default=list(CHUNKS), help="M values")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--anchor-reps", type=int, default=1,
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", default=list(SEQ_LENS), help="full-size S")
+    parser.add_argument("--chunks", type=positive_int, nargs="+", default=list(CHUNKS), help="M values")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timed repetitions per cell (median reported)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1)
+    parser.add_argument("--anchor-reps", type=nonnegative_int, default=1,
                         help="timed runs of the full-shape S=1024 anchors (0 skips them; CPU fp32: ~2 min per rep)")
-    parser.add_argument("--chunk-tokens", type=int, nargs="+", default=list(CHUNK_TOKENS))
-    parser.add_argument("--chunk-seq-lens", type=int, nargs="+", default=list(CHUNK_SEQ_LENS))
+    parser.add_argument("--chunk-tokens", type=positive_int, nargs="+", default=list(CHUNK_TOKENS))
+    parser.add_argument("--chunk-seq-lens", type=positive_int, nargs="+", default=list(CHUNK_SEQ_LENS))
     parser.add_argument("--no-max-len", dest="max_len", action="store_false",
                         help="skip the whole-model max_seq_len per chunk option (~20 s each)")
-    parser.add_argument("--plan-seq-len", type=int, default=81920, help="S of the whole-model peak per option")
-    parser.add_argument("--gpu-mem-gb", type=float, default=80.0)
-    parser.add_argument("--granularity", type=int, default=1024)
+    parser.add_argument("--plan-seq-len", type=positive_int, default=81920, help="S of the whole-model peak per option")
+    parser.add_argument("--gpu-mem-gb", type=positive_float, default=80.0)
+    parser.add_argument("--granularity", type=positive_int, default=1024)
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     if args.scale is None:
@@ -400,9 +404,7 @@ def run(args: argparse.Namespace) -> dict:
                  "reps": args.reps, "warmup": args.warmup, "anchor_reps": args.anchor_reps,
                  "threads": torch.get_num_threads(), "batch_size": 1}}
     out = Path(args.out_dir) / f"table13_16_{args.device}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    out.with_suffix(".md").write_text(markdown(results))
+    write_results(out, results, markdown(results))  # each file replaced atomically
     figure(results, out.with_suffix(".png"))
     chunk_figure(results, out.parent / f"chunk_default_{args.device}.png")
     return results

@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from common import resolve_device, write_results  # noqa: E402
+from common import positive_int, resolve_device, save_figure, write_results  # noqa: E402
 
 from mst.configs import load_config, scaled_config  # noqa: E402
 from mst.ops import (chunked_lm_head_loss, default_mlp_chunk_tokens, lm_head_chunk_tokens,  # noqa: E402
@@ -142,9 +142,7 @@ def figure(results: dict, path: Path) -> None:
            title=f"Chunked ops vs AC's, {results['meta']['device']} {results['meta']['dtype']}")
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)  # tight layout, 120 dpi, replaced atomically, closed
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -174,8 +172,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024])
-    p.add_argument("--reps", type=int, default=7, help="samples per op (each >= 0.25 s of calls)")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=[128, 256, 512, 1024])
+    p.add_argument("--reps", type=positive_int, default=7, help="samples per op (each >= 0.25 s of calls)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     out = resolve_device(args)

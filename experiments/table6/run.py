@@ -42,12 +42,13 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from max_length import build_model, static_bytes_full  # noqa: E402  (shared with Tables 2-4)
-from common import add_scaled_model_args, resolve_device, write_results  # noqa: E402
+from common import (add_scaled_model_args, nonnegative_int, positive_int, resolve_device,  # noqa: E402
+                    write_results)
 from plot import figure, markdown  # noqa: E402
 
 import mst  # noqa: E402
 from mst.configs import load_config, scaled_config  # noqa: E402
-from mst.memory.length_search import run_trial, search_max_seq_len  # noqa: E402
+from mst.memory.length_search import is_allocation_failure, run_trial, search_max_seq_len  # noqa: E402
 from mst.memory.measure import free_memory, set_mmap_threshold  # noqa: E402
 from mst.memory.planner import DEFAULT_RESERVE_GB, plan  # noqa: E402
 from mst.memory.strategies import make_train_step, prepare  # noqa: E402
@@ -84,7 +85,8 @@ TARGETS = {"mst/ac equal batch": 0.98, "mst/ac larger batch": 1.0}
 def model_config(name: str, args):
     if args.device == "cuda":
         return load_config(name)
-    return scaled_config(name, hidden_size=args.hidden, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    return scaled_config(name, hidden_size=args.hidden,
+                         **({"num_hidden_layers": args.layers} if args.layers is not None else {}))
 
 
 def scaled_seq(name: str, full_seq: int, args) -> int:
@@ -108,7 +110,8 @@ def summary(times: list[float], tokens: int) -> dict:
 
 
 def time_round_robin(model, step, variants: list[str], seq: int, batch: int, args, bar) -> dict:
-    """Warm-up, then ``args.steps`` rounds of one step per variant, the order rotating; OOM drops a variant."""
+    """Warm-up, then ``args.steps`` rounds of one step per variant, the order rotating; running out of memory
+    (``is_allocation_failure``: CUDA, cuBLAS or CPU allocator) drops a variant, any other error propagates."""
     device = torch.device(args.device)
     times: dict[str, list[float]] = {v: [] for v in variants}
     cells: dict[str, dict] = {}
@@ -123,7 +126,9 @@ def time_round_robin(model, step, variants: list[str], seq: int, batch: int, arg
                 step(seq)
                 _sync(device)
                 elapsed = time.perf_counter() - start
-            except torch.OutOfMemoryError:
+            except Exception as exc:
+                if not is_allocation_failure(exc):
+                    raise
                 live.remove(variant)
                 cells[variant] = {"oom": True}
                 free_memory()
@@ -328,8 +333,8 @@ def ratios(results: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_scaled_model_args(p, HERE / "results")
-    p.add_argument("--steps", type=int, default=6, help="measured rounds (one step of every strategy each)")
-    p.add_argument("--warmup", type=int, default=1, help="rounds run before timing")
+    p.add_argument("--steps", type=positive_int, default=6, help="measured rounds (one step of every strategy each)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="rounds run before timing")
     p.add_argument("--no-larger-batch", dest="larger_batch", action="store_false",
                    help="skip the max-batch search and its timing (equal-batch groups only)")
     p.add_argument("--groups", nargs="+", choices=[group_key(g) for g in GROUPS], default=None,

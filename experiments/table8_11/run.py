@@ -75,7 +75,7 @@ def scaled_model_config(name: str, args):
     """The scaled config (CPU) or the full one (CUDA), with memory-equivalent-to-flash attention for Gemma-2."""
     cfg = load_config(name) if args.device == "cuda" else scaled_config(name, hidden_size=args.hidden,
                                                                         **({"num_hidden_layers": args.layers}
-                                                                           if args.layers else {}))
+                                                                           if args.layers is not None else {}))
     return flash_equivalent(cfg) if cfg.model_type.startswith("gemma") else cfg  # as the traced planner does
 
 

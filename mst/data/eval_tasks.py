@@ -12,6 +12,7 @@ Both are deterministic functions of the Debian packages and the arguments.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -83,5 +84,10 @@ def write_eval_tasks(out_dir: str | Path, corpus: str = "kjv+pydocs", **kwargs) 
     paths = {}
     for name, records in sets.items():
         paths[name] = out_dir / name
-        paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # replaced whole: a killed run leaves the old file, never half
+        try:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+            os.replace(tmp, paths[name])
+        finally:
+            tmp.unlink(missing_ok=True)
     return paths

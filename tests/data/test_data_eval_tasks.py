@@ -38,3 +38,32 @@ def test_write_eval_tasks(corpora, tmp_path):
     assert len(paths["heldout_docs.jsonl"].read_text().splitlines()) == 1
     with pytest.raises(TypeError, match="unknown"):
         write_eval_tasks(tmp_path, n_itmes=5)
+
+
+def test_write_eval_tasks_replaces_files_atomically(tmp_path, monkeypatch):
+    """A write that fails half way (disk full, a kill) leaves the previous files whole and no temporary file."""
+    import pathlib
+
+    import mst.data.eval_tasks as eval_tasks
+
+    records = {"docs": [{"corpus": "kjv", "doc_id": "Gen", "text": "In the beginning"}],
+               "verses": [{"context": "a", "choices": ["b", "c"], "label": 0, "ref": "Gen1:2"}]}
+    monkeypatch.setattr(eval_tasks, "heldout_doc_records", lambda corpus, **kw: records["docs"])
+    monkeypatch.setattr(eval_tasks, "next_verse_records", lambda **kw: records["verses"])
+    paths = write_eval_tasks(tmp_path, corpus="kjv")
+    before = {name: path.read_text() for name, path in paths.items()}
+    assert json.loads(before["next_verse.jsonl"]) == records["verses"][0]
+
+    records["docs"] = records["docs"] * 50
+    real_write_text = pathlib.Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_eval_tasks(tmp_path, corpus="kjv")
+    monkeypatch.undo()
+    assert {name: path.read_text() for name, path in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temporary file left

@@ -40,3 +40,58 @@ def test_table13_16_driver_tiny(tmp_path: Path) -> None:
     for name in ("C=1024", "C=1024, dW by 8192-row blocks", "C=512, dW by 8192-row blocks"):
         m = target[name]["measured"]
         assert m["planner_scaled"]["peak_bytes"] == pytest.approx(m["peak_bytes"], rel=0.01), name
+
+
+@pytest.mark.parametrize("argv, flag", [(["--scale", "0"], "--scale"), (["--chunk-scale", "-1"], "--chunk-scale"),
+                                        (["--seq-lens", "1024", "0"], "--seq-lens"), (["--chunks", "0"], "--chunks"),
+                                        (["--reps", "0"], "--reps"), (["--warmup", "-1"], "--warmup"),
+                                        (["--anchor-reps", "-1"], "--anchor-reps"),
+                                        (["--chunk-tokens", "0"], "--chunk-tokens"),
+                                        (["--chunk-seq-lens", "nan"], "--chunk-seq-lens"),
+                                        (["--plan-seq-len", "0"], "--plan-seq-len"),
+                                        (["--gpu-mem-gb", "nan"], "--gpu-mem-gb"),
+                                        (["--gpu-mem-gb", "0"], "--gpu-mem-gb"),
+                                        (["--granularity", "0"], "--granularity")])
+def test_ablation_rejects_nonsense_flags(argv, flag, capsys):
+    """Argparse error naming the flag, exit 2 (0 no longer means "default" for --scale / --chunk-scale)."""
+    from tests.experiments._scripts import argparse_exit, load_script
+
+    ablation = load_script("experiments/table13_16/ablation.py")
+    assert flag in argparse_exit(ablation.parse_args, argv, capsys)
+    assert ablation.parse_args(["--anchor-reps", "0", "--warmup", "0"]).anchor_reps == 0  # 0 still skips them
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("CUDA error: out of memory"),
+                                     RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                                     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                  "68719476736 bytes. Error code 12 (Cannot allocate memory)")])
+def test_measure_case_records_any_allocation_failure_as_oom(monkeypatch, failure):
+    from types import SimpleNamespace
+
+    from tests.experiments._scripts import load_script
+
+    ablation = load_script("experiments/table13_16/ablation.py")
+
+    def build(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(ablation, "build", build)
+    args = SimpleNamespace(mem_dtype=None, time_dtype=None, device="cpu", reps=1, warmup=0)
+    assert ablation.measure_case("mlp", None, 16, {}, args) == {"oom": True}
+
+
+def test_measure_case_propagates_other_errors(monkeypatch):
+    """A bug is not an OOM cell: it stops the run."""
+    from types import SimpleNamespace
+
+    from tests.experiments._scripts import load_script
+
+    ablation = load_script("experiments/table13_16/ablation.py")
+    args = SimpleNamespace(mem_dtype=None, time_dtype=None, device="cpu", reps=1, warmup=0)
+    for bug in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), TypeError("out of memory")):
+        def build(*a, bug=bug, **k):
+            raise bug
+
+        monkeypatch.setattr(ablation, "build", build)
+        with pytest.raises(type(bug)):
+            ablation.measure_case("lm_head", None, 16, {}, args)

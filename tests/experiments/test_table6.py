@@ -76,3 +76,80 @@ def test_op_width_writes_ratios(tmp_path):
             assert row[op]["ac"] > 0 and row[op]["mst"] > 0 and len(row[op]["times_s"]["mst"]) == 2
     assert "| 64 | 256 | 2 |" in (tmp_path / "op_width_cpu.md").read_text()
     assert (tmp_path / "op_width_cpu.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--warmup", "-1"], "--warmup"),
+                                        (["--steps", "nan"], "--steps"), (["--layers", "0"], "--layers"),
+                                        (["--hidden", "-8"], "--hidden")])
+def test_table6_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
+    """Argparse error naming the flag, exit 2, before anything runs or is written."""
+    from tests.experiments._scripts import argparse_exit, load_script
+
+    run = load_script("experiments/table6/run.py")
+    assert flag in argparse_exit(run.main, [*argv, "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [(["--widths", "32", "0"], "--widths"), (["--reps", "0"], "--reps"),
+                                        (["--reps", "inf"], "--reps")])
+def test_op_width_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
+    from tests.experiments._scripts import argparse_exit, load_script
+
+    op_width = load_script("experiments/table6/op_width.py")
+    assert flag in argparse_exit(op_width.main, [*argv, "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_config_layers_override():
+    """--layers absent keeps the model's layer count, given it overrides it (tested with ``is not None``)."""
+    from types import SimpleNamespace
+
+    from tests.experiments._scripts import load_script
+
+    run = load_script("experiments/table6/run.py")
+    full = run.load_config("llama3-8b").num_hidden_layers
+    config = run.model_config("llama3-8b", SimpleNamespace(device="cpu", hidden=32, layers=None))
+    assert config.num_hidden_layers == full
+    assert run.model_config("llama3-8b", SimpleNamespace(device="cpu", hidden=32, layers=1)).num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("CUDA error: out of memory"), MemoryError(),
+                                     RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                                     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                                  "allocate memory: you tried to allocate 8 bytes")])
+def test_round_robin_drops_a_variant_that_runs_out_of_memory(monkeypatch, failure):
+    """Any allocation failure (``is_allocation_failure``), not only torch.OutOfMemoryError, is an OOM cell; the
+    other variants are still timed."""
+    from types import SimpleNamespace
+
+    from tests.experiments._scripts import load_script
+
+    run = load_script("experiments/table6/run.py")
+    current = {}
+    monkeypatch.setattr(run, "use", lambda model, variant: current.update(variant=variant))
+
+    def step(seq):
+        if current["variant"] == "vanilla":
+            raise failure
+
+    args, bar = SimpleNamespace(device="cpu", warmup=1, steps=2), SimpleNamespace(update=lambda n: None)
+    cells = run.time_round_robin(None, step, ["vanilla", "ac", "mst"], 16, 1, args, bar)
+    assert cells["vanilla"] == {"oom": True}
+    assert len(cells["ac"]["times_s"]) == 2 and len(cells["mst"]["times_s"]) == 2
+
+
+def test_round_robin_propagates_other_errors(monkeypatch):
+    """A bug (a RuntimeError that is not an allocator's, a ValueError) is not recorded as OOM: it stops the run."""
+    from types import SimpleNamespace
+
+    from tests.experiments._scripts import load_script
+
+    run = load_script("experiments/table6/run.py")
+    monkeypatch.setattr(run, "use", lambda model, variant: None)
+    args, bar = SimpleNamespace(device="cpu", warmup=0, steps=1), SimpleNamespace(update=lambda n: None)
+    for bug in (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)"), ValueError("out of memory")):
+        def step(seq, bug=bug):
+            raise bug
+
+        with pytest.raises(type(bug)):
+            run.time_round_robin(None, step, ["ac"], 16, 1, args, bar)

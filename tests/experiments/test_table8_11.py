@@ -24,3 +24,27 @@ def test_table8_11_driver_writes_results(tmp_path):
     assert (tmp_path / "table8_11_cpu.md").read_text().startswith("# Tables 8-11")
     for png in ("table8_11_cpu.png", "fig7_11_timelines_cpu.png", "fig3_memory_20k_cpu.png"):
         assert (tmp_path / png).stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, flag", [(["--layers", "0"], "--layers"), (["--hidden", "nan"], "--hidden")])
+def test_table8_11_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
+    """Argparse error naming the flag, exit 2, nothing written."""
+    from tests.experiments._scripts import argparse_exit, load_script
+
+    run = load_script("experiments/table8_11/run.py")
+    assert flag in argparse_exit(run.main, [*argv, "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_scaled_model_config_layers_override():
+    """No --layers: the model's own layer count; --layers N: N (``is not None``, not truthiness)."""
+    from types import SimpleNamespace
+
+    from tests.experiments._scripts import load_script
+
+    run = load_script("experiments/table8_11/run.py")
+    full = run.load_config("llama3-8b").num_hidden_layers
+    config = run.scaled_model_config("llama3-8b", SimpleNamespace(device="cpu", hidden=32, layers=None))
+    assert config.num_hidden_layers == full
+    config = run.scaled_model_config("gemma2-9b", SimpleNamespace(device="cpu", hidden=32, layers=1))
+    assert config.num_hidden_layers == 1
