@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import mst
@@ -173,3 +173,36 @@ def test_wrapper_that_ignores_its_text_rows_softcap_is_refused():
     with pytest.raises(ValueError, match="'gemma3'.*does not reproduce"):
         mst.apply(model)
     assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == []
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_facts_match_the_hf_modules(model_type):
+    """The planner's columns of each row against the family's own HF modules (tiny model, config-class defaults):
+    a wrong row would make the memory planner model another layer than the one ``mst.apply`` patches."""
+    row = FAMILIES[model_type]
+    overrides = {"use_qk_norm": True} if isinstance(row.qk_norm, str) else {}  # a flag: check the modules it adds
+    model = tiny_model(model_type, **overrides)
+    layer, attn, mlp = model.model.layers[0], model.model.layers[0].self_attn, model.model.layers[0].mlp
+    norms = [module for name, module in layer.named_children() if "norm" in name]
+    assert len(norms) == row.norms_per_layer
+    assert row.parallel_block == (not hasattr(layer, "post_attention_layernorm"))
+    kinds = {"layer" if type(n).__name__.endswith("LayerNorm")
+             else "gemma" if bool((n.weight == 0).all()) else "rms" for n in norms}  # Gemma's (1 + w): w = 0
+    assert kinds == {row.norm}
+    assert row.fused_qkv == hasattr(attn, "qkv_proj") != hasattr(attn, "q_proj")
+    assert row.fused_gate_up == hasattr(mlp, "gate_up_proj") != hasattr(mlp, "gate_proj")
+    assert bool(row.qk_norm) == hasattr(attn, "q_norm") == hasattr(attn, "k_norm")
+    assert not row.qk_norm_interleaved or row.qk_norm is True
+    q = attn.qkv_proj if row.fused_qkv else attn.q_proj
+    assert row.qkv_bias == (q.bias is not None)  # the config class's attention_bias default is off
+    assert row.embed_scale == hasattr(model.model.embed_tokens, "embed_scale")
+    assert row.tied_embeddings == AutoConfig.for_model(model_type).tie_word_embeddings
+    assert not (row.rope_fp32 or row.rope_cat) or model_type in ("cohere", "phi3")  # read off their RoPE code
+
+
+def test_planner_covers_every_family_apply_supports():
+    """Each row is planned (both engines read ``ModelSpec.from_config``); the planner has no table of its own."""
+    from mst.memory.planner import ModelSpec
+
+    for model_type in FAMILIES:
+        assert ModelSpec.from_config(tiny_config(model_type)).model_type == model_type

@@ -1,6 +1,7 @@
 """The memory planner's API and its full-size predictions (no real training here; see test_planner_measured.py).
 
-- the two engines (closed-form sizes vs the real HF + mst code on fake tensors) agree at Llama3-8B scale;
+- the two engines (closed-form sizes vs the real HF + mst code on fake tensors) agree at Llama3-8B scale, and on a
+  tiny config of every family in ``mst.integrations.FAMILIES`` (the one table ``mst.apply`` and the planner read);
 - they reproduce environment.md §7's independent full-model fake traces (32 layers, MemTracker): Llama3-8B at 8K,
   bf16, AdamW: 105.9 GiB vanilla, 61.79 GiB with checkpointing;
 - orderings the paper's argument rests on, sequence parallelism, ``max_seq_len``'s contract and bad input.
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+import mst.memory.planner
 from mst.configs import load_config, scaled_config
+from mst.integrations import FAMILIES
 from mst.memory import max_seq_len, plan
 from mst.memory.planner import ModelSpec
 from mst.memory.strategies import STRATEGIES
-from tests.utils import tiny_config
+from tests.utils import GENERIC_FAMILY, tiny_config
 
 GiB = 1024 ** 3
 
@@ -47,6 +50,77 @@ def test_engines_agree_at_full_size(llama3, strategy, seq_len):
     traced = plan(llama3, seq_len, strategy, engine="traced", **kw)
     assert analytic.peak_bytes == pytest.approx(traced.peak_bytes, rel=0.01)
     assert analytic.phase == traced.phase
+
+
+# every family of the table, plus the variants that switch a family fact on: Cohere's optional q/k norms, Gemma-3
+# with both layer types (two rotary tables), Phi-3's partial RoPE
+FAMILY_CASES = [(family, {}) for family in sorted(FAMILIES)] + [
+    ("cohere", {"use_qk_norm": True}), ("gemma3_text", {"num_hidden_layers": 6}),
+    ("phi3", {"partial_rotary_factor": 0.5})]
+FAMILY_IDS = [family + "".join(f"-{k}={v}" for k, v in over.items()) for family, over in FAMILY_CASES]
+# tiny shapes: the default (d=32, q = d) at 1024 tokens, and wide heads (8 heads of 32: q = 8 d) at 512 tokens,
+# where the q/k norms, fused q|k|v and fp32 RoPE terms dominate a layer
+WIDE_HEADS = dict(head_dim=32, num_attention_heads=8, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("family,overrides", FAMILY_CASES, ids=FAMILY_IDS)
+def test_engines_agree_on_every_family(family, overrides, strategy):
+    """The analytic engine's per-family terms against the traced engine running the family's own HF code, with
+    the tolerance of ``test_engines_agree_at_full_size`` (1 %, same phase)."""
+    cases = [({}, 1024, torch.bfloat16, "adamw_in_backward"), ({}, 1024, torch.float32, "adamw"),
+             (WIDE_HEADS, 512, torch.bfloat16, "adamw_in_backward")]
+    for shape, seq_len, dtype, optimizer in cases:
+        config = tiny_config(family, **{**shape, **overrides})
+        kw = dict(dtype=dtype, optimizer=optimizer)
+        analytic = plan(config, seq_len, strategy, **kw)
+        traced = plan(config, seq_len, strategy, engine="traced", **kw)
+        assert analytic.peak_bytes == pytest.approx(traced.peak_bytes, rel=0.01), (shape, dtype, optimizer)
+        assert analytic.phase == traced.phase, (shape, dtype, optimizer)
+
+
+@pytest.mark.parametrize("family,overrides", FAMILY_CASES, ids=FAMILY_IDS)
+def test_spec_matches_the_model_of_every_family(family, overrides):
+    """What ``compose`` takes from the spec: parameter count, tensors (CPU AdamW's step counters), the largest
+    tensor (the optimizer step's temporaries) and the rotary buffers, against the built HF model."""
+    config = tiny_config(family, **overrides)
+    spec = ModelSpec.from_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = list(model.parameters())
+    assert spec.params == sum(p.numel() for p in params)
+    assert spec.layers * len(spec.layer_param_shapes()) + 2 + (0 if spec.tied else 1) == len(params)
+    assert spec.largest_param == max(p.numel() for p in params)
+    rotary = [b for name, b in model.named_buffers() if "inv_freq" in name]
+    assert spec.buffer_bytes == sum(b.numel() * b.element_size() for b in rotary)
+    linears = sorted((m.in_features, m.out_features) for m in model.model.layers[0].modules()
+                     if isinstance(m, torch.nn.Linear))
+    assert sorted(spec.layer_linears()) == linears
+
+
+def test_planner_reads_the_apply_family_table():
+    """One registry: the planner has no family list of its own, and a spec's facts are its family's row."""
+    assert not hasattr(mst.memory.planner, "FAMILIES")
+    assert mst.memory.planner.spec.FAMILIES is FAMILIES
+    for family, row in FAMILIES.items():
+        spec = ModelSpec.from_config(tiny_config(family))
+        assert (spec.norms_per_layer, spec.norm, spec.fused_qkv, spec.fused_gate_up, spec.parallel_block,
+                spec.rope_fp32, spec.rope_cat, spec.embed_scale) == (
+            row.norms_per_layer, row.norm, row.fused_qkv, row.fused_gate_up, row.parallel_block, row.rope_fp32,
+            row.rope_cat, row.embed_scale), family
+        assert spec.qk_norm == (row.qk_norm is True), family  # Cohere's is a config flag, off by default
+    assert ModelSpec.from_config(tiny_config("cohere", use_qk_norm=True)).qk_norm
+
+
+def test_planner_refuses_families_outside_the_table():
+    with pytest.raises(ValueError, match=f"models llama.*cohere.*{GENERIC_FAMILY!r}"):
+        plan(tiny_config(GENERIC_FAMILY), 1024, "mst")
+    with pytest.raises(ValueError, match=f"{GENERIC_FAMILY!r}"):
+        plan(tiny_config(GENERIC_FAMILY), 1024, "mst", engine="traced")
+    wrapper = AutoConfig.for_model("llava", text_config=tiny_config("llama"))
+    with pytest.raises(ValueError, match=r"multimodal wrapper; plan its text config \('llama'"):
+        plan(wrapper, 1024, "mst")
+    assert plan(wrapper.get_text_config(), 1024, "mst").model_type == "llama"
 
 
 @pytest.mark.parametrize("strategy,gib", [("vanilla", 105.9), ("ac", 61.79)])
@@ -131,7 +205,7 @@ def test_bad_input(llama3):
     with pytest.raises(ValueError, match="seq_len"):
         plan(llama3, 0, "mst")
     with pytest.raises(ValueError, match="models llama"):
-        plan(tiny_config("phi3"), 1024, "mst")
+        plan(tiny_config(GENERIC_FAMILY), 1024, "mst")
     with pytest.raises(ValueError, match="unknown model config"):
         plan("llama9-1t", 1024, "mst")
     assert plan("llama2-7b", 1024, "mst").model_type == "llama"  # names from mst.configs work too

@@ -4,7 +4,7 @@ Measured: one real step (forward with labels, backward, optimizer update) after 
 ``mst.memory.measure_peak`` (MemTracker), with the repo's training step ``mst.memory.strategies.make_train_step``.
 Planned: ``plan(..., device="cpu")`` (on a CPU, mst_offload's host checkpoints sit in the same memory).
 Fast: one size, every strategy. Slow: three model sizes x three lengths x every strategy, plus bf16,
-optimizer-in-backward, gradient accumulation, batch 2 and the other families.
+optimizer-in-backward, gradient accumulation, batch 2 and the other families (every row of mst.integrations.FAMILIES).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mst.configs import scaled_config
 from mst.memory import measure_peak, plan
 from mst.memory.planner.traced import causal_attention
 from mst.memory.strategies import STRATEGIES, make_train_step, prepare
+from tests.utils import tiny_config
 
 TOLERANCE = 0.05  # the issue's target; both engines are within 0.5% on every case below
 
@@ -70,4 +71,18 @@ def test_planner_matches_measured_variants(name, strategy, kwargs):
     # Gemma-2's attention softcap has no SDPA path; FlashAttention applies it in-kernel, so memory is unchanged
     config = scaled_config(name, 96, num_hidden_layers=2,
                            **({"attn_logit_softcapping": None} if name.startswith("gemma") else {}))
+    check(*measured_and_planned(config, 1024, strategy, **kwargs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,overrides", [
+    ("qwen3", {}), ("gemma", {}), ("gemma3_text", {"num_hidden_layers": 6}), ("phi3", {}), ("cohere", {}),
+    ("cohere", {"use_qk_norm": True})])
+@pytest.mark.parametrize("strategy,kwargs", [("vanilla", dict(BF16, **IN_BWD)), ("ac", dict()), ("mst", dict()),
+                                             ("mst", BF16)])
+def test_planner_matches_measured_families(family, overrides, strategy, kwargs):
+    """The families the planner covers beyond the four above (tiny configs: q/k norms, Gemma norms, two rotary
+    tables, fused projections, Cohere's parallel block). use_cache=False, as in training: without checkpointing
+    HF would otherwise build a KV cache whose contiguous copy of v frees Phi-3's fused q|k|v output early."""
+    config = tiny_config(family, use_cache=False, **overrides)  # (Gemma-3's attention softcap is off by default)
     check(*measured_and_planned(config, 1024, strategy, **kwargs))

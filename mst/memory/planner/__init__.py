@@ -2,13 +2,15 @@
 
 Two engines share one composition (``compose``: weights, gradients, optimizer state, the per-layer stack of saved
 activations and the largest transient, i.e. the paper's Theorems 1-3):
-- ``analytic``: closed-form sizes of every tensor an HF Llama-style layer and MsT's ops keep (``analytic.py``);
+- ``analytic``: closed-form sizes of every tensor an HF decoder layer and MsT's ops keep (``analytic.py``);
 - ``traced``: runs the real HF and ``mst`` code on fake tensors and counts bytes (``traced.py``).
 Both agree with measured CPU steps (``mst.memory.measure_peak``) to well under 1 % (``tests/memory``).
+Which families: the rows of ``mst.integrations.FAMILIES`` (the table ``mst.apply`` uses); ``ModelSpec.from_config``
+reads a config's row and raises ValueError for anything else.
 """
 from .compose import HeadProfile, LayerProfile, Plan
 from .plan import DEFAULT_MAX_LEN, DEFAULT_RESERVE_GB, ENGINES, MaxSeqLen, max_seq_len, plan
-from .spec import FAMILIES, Budget, ModelSpec, Workload
+from .spec import Budget, ModelSpec, Workload, family_row
 
-__all__ = ["DEFAULT_MAX_LEN", "DEFAULT_RESERVE_GB", "ENGINES", "FAMILIES", "Budget", "HeadProfile", "LayerProfile",
-           "MaxSeqLen", "ModelSpec", "Plan", "Workload", "max_seq_len", "plan"]
+__all__ = ["DEFAULT_MAX_LEN", "DEFAULT_RESERVE_GB", "ENGINES", "Budget", "HeadProfile", "LayerProfile",
+           "MaxSeqLen", "ModelSpec", "Plan", "Workload", "family_row", "max_seq_len", "plan"]

@@ -6,7 +6,8 @@ Xf = f T d its fp32 copy, R = f T an RMSNorm rstd, Q = a T H hd, KV = a T Hkv hd
 intermediate, C = the chunk of a mini-sequence):
 
 - RMSNorm saves x in fp32 (Xf: the input itself in fp32, a copy in bf16), rstd (R) and the normalised x cast back
-  (X; Gemma-2 keeps it in fp32, Xf); its backward makes five Xf temporaries at once (pow, mean, rsqrt paths).
+  (X; a Gemma norm keeps it in fp32, Xf); its backward makes five Xf temporaries at once in bf16 (pow, mean, rsqrt
+  paths; four in fp32, where there are no casts).
 - Attention saves q and k after RoPE, v, the output (which o_proj reuses as its input) and the fp32 logsumexp of a
   flash kernel: 2Q + 2KV + LSE. The projections' inputs are the norm outputs.
 - The MLP saves gate, act(gate), up and their product: 4 Mi; its backward holds three more (dp, d act, d up).
@@ -16,6 +17,15 @@ intermediate, C = the chunk of a mini-sequence):
 - MsT's LM head forms its gradients in forward, per chunk of C = max(T / ceil(V/d), d/4) tokens: two f C V (logits,
   log-softmax), the a C V logits gradient and its fp32 copy; it keeps dh (X) and a V x d weight-gradient accumulator
   (fp32 for low-precision weights) until backward casts and hands them over.
+
+The family's facts (``ModelSpec``, read from ``mst.integrations.FAMILIES``; ``Family`` documents each) change these
+terms: Gemma norms keep the normalised x in fp32 and Gemma-2/3 have four norms a layer (the MLP's backward starts in
+the post-MLP norm); q/k norms (Qwen3, Gemma-3, optionally Cohere) keep a norm's tensors over Q and KV and add their
+backward peaks; Phi-3's fused q|k|v output stays whole behind v's view, its gate|up output lives whole through the
+product, and its concatenating RoPE makes o_proj's input a copy (one more Q); Cohere's parallel block has one
+LayerNorm (x - mean twice and the normalised x, all fp32), one norm output feeding attention and MLP (the MLP's input
+gradient waits for the attention's) and fp32 RoPE (fp32 copies of q and k in forward, recompute and backward).
+Which terms are exact and where the peak lands is checked per family against the traced engine.
 
 With checkpointing a layer keeps only its input (X) and its backward first recomputes the forward (Theorem 2); MsT
 shrinks what that recompute and the LM head hold (Theorem 3). ``compose`` turns these profiles into the step peak.
@@ -47,18 +57,47 @@ class _Sizes:
         self.dequant = a * max(fan_in * fan_out for fan_in, fan_out in spec.layer_linears()) if wl.frozen else 0
         # bitsandbytes' int8 matmul keeps its input as a ctx attribute, not a saved tensor, so checkpointing cannot
         # drop it: the q/k/v input, o_proj's input and (unless MsT's MLP runs it without a graph) the MLP's inputs
-        self.int8_kept = (self.X + self.Q + (0 if self.split else self.X + self.Mi)
+        # (a parallel block's MLP input is the attention's)
+        mlp_in = (0 if spec.parallel_block else self.X) + self.Mi
+        self.int8_kept = (self.X + self.Q + (0 if self.split else mlp_in)
                           if wl.quantization == "int8" and wl.checkpointed else 0)
-        # one RMSNorm: its fp32 input (a copy in bf16; in fp32 the input itself), rstd, and the normalised x it
-        # keeps for the weight gradient (cast back in Llama, fp32 in Gemma-2); the output is saved by the next op
-        self.norm = self.Xf + self.R + (self.Xf if spec.gemma else self.X)
-        # its backward holds its fp32 input and five fp32 temporaries (four for a Llama norm in fp32: no casts)
-        self.norm_bwd = (5 if self.low or spec.gemma else 4) * self.Xf + self.Xf
+        # one norm (see norm_saved); its output is saved by the next op
+        self.norm = self.norm_saved(self.Xf, self.X, t)
+        self.norm_bwd = self.norm_backward(self.Xf)
         self.att = 2 * self.Q + 2 * self.KV + self.LSE  # q, k after RoPE, v, output (o_proj's input), logsumexp
+        if spec.fused_qkv:  # v is a view of the fused q|k|v output, which stays whole (Q + 2 KV instead of KV)
+            self.att += self.Q + self.KV
+        if spec.rope_cat:  # q, k after RoPE are contiguous (B, H, S, hd) copies, and so is the attention output:
+            self.att += self.Q  # o_proj's input is a transposed copy of it
+        # q/k norms (Qwen3, Gemma-3, Cohere's optional ones): each keeps what a hidden-state norm of the family's
+        # kind keeps (norm_saved), over q / k, with an rstd per head
+        self.Qf, self.KVf = FP32 * t * spec.q_dim, FP32 * t * spec.kv_dim
+        self.q_norm = self.norm_saved(self.Qf, self.Q, t * spec.heads) if spec.qk_norm else 0
+        self.qk_norm = self.q_norm + self.norm_saved(self.KVf, self.KV, t * spec.kv_heads) if spec.qk_norm else 0
+        self.att += self.qk_norm
+        # fp32 RoPE (Cohere, bf16/fp16): q and k are cast to fp32 first (both copies live to the end), then q's
+        # cos, rotate_half and sin products; then k's, with q's fp32 result waiting
+        self.rope_fp32_fwd = max(4 * self.Qf + self.KVf, 2 * self.Qf + 4 * self.KVf)
+
+    def norm_saved(self, fp32_size: int, size: int, rows: int) -> int:
+        """What one norm keeps for backward over a tensor of ``size`` bytes (``fp32_size`` in fp32) and ``rows``
+        normalised rows: "rms": its fp32 input, rstd and the normalised x cast back; "gemma": the normalised x stays
+        fp32; "layer" (Cohere): the mean-centred x twice (x - mean is computed again for the product) and the
+        normalised x, all fp32, and rstd (not its input)."""
+        if self.spec.norm == "layer":
+            return 3 * fp32_size + FP32 * rows
+        return fp32_size + FP32 * rows + (fp32_size if self.spec.norm == "gemma" else size)
+
+    def norm_backward(self, fp32_input: int) -> int:
+        """Peak of a norm's backward over its fp32 input (``fp32_input`` bytes): that input and five fp32
+        temporaries of its size (four in fp32: no casts)."""
+        return (5 if self.low else 4) * fp32_input + fp32_input
 
     def layer_saved_vanilla(self) -> int:
         """Every activation autograd keeps for one layer's backward (Theorem 1's A_mem x S)."""
-        outputs = 2 * self.X  # the outputs of the input norm and of the pre-MLP norm feed saving matmuls
+        # the outputs of the input norm and of the pre-MLP norm feed saving matmuls (one norm output feeds both
+        # attention and MLP in a parallel block)
+        outputs = (1 if self.spec.parallel_block else 2) * self.X
         return self.spec.norms_per_layer * self.norm + outputs + self.att + 4 * self.Mi
 
 
@@ -66,35 +105,77 @@ def _layer(z: _Sizes) -> LayerProfile:
     """Saved bytes and the forward/backward peaks of one decoder layer (see the module docstring)."""
     s, wl, X = z.spec, z.wl, z.X
     in_backward = wl.optimizer == "adamw_in_backward" and not wl.grad_accumulation
-    ckpt = X if wl.checkpointed and z.low else 0  # checkpointed input (fp32: it is the first norm's input)
+    # checkpointed input (fp32: it is the first RMSNorm's input; a LayerNorm keeps x - mean instead)
+    ckpt = X if wl.checkpointed and (z.low or s.norm == "layer") else 0
     nomlp = z.layer_saved_vanilla() - 4 * z.Mi  # norms, their outputs, attention
-    post = (z.norm if s.gemma else 0)  # Gemma-2's post-MLP norm is done (freed) when the MLP backward starts
+    sandwich = s.norms_per_layer == 4  # Gemma-2/3: a norm after attention and after the MLP too
+    post = (z.norm if sandwich else 0)  # the post-MLP norm is done (freed) when the MLP backward starts
     if wl.checkpointed:
         saved = X + z.int8_kept
-        mlp_fwd = 3 * z.Mc + 3 * X if z.split else 3 * z.Mi  # chunk intermediates, chunk outputs and their cat
-        attn_fwd = 2 * X + 4 * z.Q + 2 * z.KV  # input, norm output, q (+ RoPE's q cos, rotate_half, its sin), k, v
+        # chunk intermediates (a fused gate|up output lives whole until the product), chunk outputs and their cat
+        inter = 4 if s.fused_gate_up else 3
+        mlp_fwd = inter * z.Mc + 3 * X if z.split else inter * z.Mi
+        # input, norm output, q, k, v + RoPE's q cos, rotate_half, its sin (then k's, with q's result waiting)
+        attn_fwd = 2 * X + z.Q + 2 * z.KV + max(3 * z.Q, z.Q + 3 * z.KV)
+        if s.rope_fp32 and z.low:
+            attn_fwd = 2 * X + z.Q + 2 * z.KV + z.rope_fp32_fwd
+        if s.rope_cat:  # at the output's transposed copy: v (the whole q|k|v if fused), q, k, the output and copy
+            attn_fwd = max(attn_fwd, 2 * X + (z.Q + 2 * z.KV if s.fused_qkv else z.KV) + 3 * z.Q + z.KV)
+        if s.qk_norm:  # input, norm output, q's projection (a copy in bf16), its fp32 copy and x * rstd
+            attn_fwd = max(attn_fwd, 2 * X + (z.Q if z.low else 0) + 2 * z.Qf + 2 * FP32 * z.t * s.heads)
         fwd_peak = max(3 * X + mlp_fwd, attn_fwd)  # input, h1 and the MLP input live through the MLP
     else:
         saved = z.layer_saved_vanilla()
         fwd_peak = saved + 2 * X + (2 * X if z.low else 0)  # + output, down-proj output (+ input, h1 in bf16)
+        if s.parallel_block:  # input + attention out + MLP out at the final sum: input, both outputs, partial sum
+            fwd_peak = saved + 5 * X
+        if s.rope_fp32 and z.low:  # or at the fp32 RoPE: input, the norm's saved tensors and output, q, k, v
+            fwd_peak = max(fwd_peak, 2 * X + z.norm + z.qk_norm + z.Q + 2 * z.KV + z.rope_fp32_fwd)
     dh, mlp_grads = X, 3 * z.mlp_w * z.train_w
     attn_grads = z.a * 2 * s.hidden * (s.q_dim + s.kv_dim) * z.train_w
     accumulators = (3 * FP32 * s.hidden * s.intermediate + 4 * z.mlp_w) * z.train_w
     before_mlp = ckpt + nomlp - post + dh
     if z.split:  # chunk loop: 6 chunk intermediates, input-gradient buffer, fp32 accumulators + chunk gradients
         # (Gemma-2: the MLP's output gradient comes from the post-MLP norm and lives through the loop)
-        before_mlp += X if s.gemma else 0
+        before_mlp += X if sandwich else 0
         points = {"mlp": (before_mlp + X + 6 * z.Mc + accumulators, 0),
                   "mlp_end": (before_mlp + 2 * X + mlp_grads, mlp_grads)}
         if z.low and z.train_w:  # the accumulators are cast back to bf16 while still alive
             points["mlp_cast"] = (before_mlp + X + 3 * FP32 * s.hidden * s.intermediate + 6 * z.mlp_w, 0)
     else:  # gate, act, up + dp, d act, d up (the product is released) and the down-proj weight gradient
         points = {"mlp": (before_mlp + 6 * z.Mi + z.mlp_w * z.train_w, z.mlp_w * z.train_w)}
-    if s.gemma:  # the backward starts in the post-MLP norm, with everything else still saved
-        points["post_norm"] = (ckpt + nomlp + (0 if z.split else 4 * z.Mi) + dh + z.norm_bwd - z.norm, 0)
+    if sandwich:  # the backward starts in the post-MLP norm, with everything else still saved
+        # (fp32: five fp32 temporaries here, one more than a pre-norm's backward has, as the traced engine shows;
+        # in bf16 every norm's backward has five)
+        points["post_norm"] = (ckpt + nomlp + (0 if z.split else 4 * z.Mi) + dh + z.norm_bwd - z.norm
+                               + (0 if z.low else z.Xf), 0)
     first = z.norm + X  # the input norm's saved tensors and its output
-    points["norm2"] = (ckpt + first + z.att + (z.norm if s.gemma else 0) + z.norm_bwd + dh + mlp_grads, mlp_grads)
-    points["attn"] = (ckpt + first + z.att + dh + 2 * z.Q + 2 * z.KV + mlp_grads, mlp_grads)
+    if s.parallel_block:  # no pre-MLP norm: the MLP's input gradient waits for the attention's
+        first += X
+    else:
+        points["norm2"] = (ckpt + first + z.att + (z.norm if sandwich else 0) + z.norm_bwd + dh + mlp_grads,
+                           mlp_grads)
+    # the attention backward: dq, dk, dv and the output's gradient (o_proj's backward freed a transposed copy)
+    att_left = z.att - (z.Q if s.rope_cat else 0)
+    points["attn"] = (ckpt + first + att_left + dh + 2 * z.Q + 2 * z.KV + mlp_grads, mlp_grads)
+    if s.rope_fp32 and z.low:  # q's fp32 RoPE backward: its fp32 gradient and three temporaries, k's fp32 gradient
+        # and v's (the attention's saved tensors are gone, the q/k norms' not yet)
+        o = z.a * s.hidden * s.q_dim * z.train_w
+        points["rope"] = (ckpt + first + z.qk_norm + dh + z.KV + z.KVf + 4 * z.Qf + mlp_grads + o, mlp_grads + o)
+        if wl.checkpointed:  # the recomputed forward's fp32 RoPE of q (see attn_fwd), the norm's saved tensors kept
+            points["rope_recompute"] = (ckpt + z.norm + X + z.qk_norm + dh + z.Q + 2 * z.KV + z.rope_fp32_fwd, 0)
+    if s.qk_norm:  # k's norm backward with q's norm saved and q's gradient waiting, then q's norm backward
+        q_saved = z.q_norm
+        if s.qk_norm_interleaved:  # (Qwen3) v's projection backward ran first: its input gradient (X) waits
+            o_v, o_v_k = (z.a * s.hidden * (s.q_dim + n * s.kv_dim) * z.train_w for n in (1, 2))
+            k_point, k_grads = ckpt + first + dh + X + q_saved + z.Q, mlp_grads + o_v
+            q_point, q_grads = ckpt + first + dh + X, mlp_grads + o_v_k
+        else:  # (Gemma-3, Cohere) the norms follow all three projections: v's gradient (then k's too) waits
+            o = z.a * s.hidden * s.q_dim * z.train_w
+            k_point, k_grads = ckpt + first + dh + z.KV + q_saved + z.Q, mlp_grads + o
+            q_point, q_grads = ckpt + first + dh + 2 * z.KV, mlp_grads + o
+        points["k_norm"] = (k_point + z.norm_backward(z.KVf) + k_grads, k_grads)
+        points["q_norm"] = (q_point + z.norm_backward(z.Qf) + q_grads, q_grads)
     points["norm1"] = (ckpt + z.norm_bwd + dh + mlp_grads + attn_grads, mlp_grads + attn_grads)
     if in_backward:  # each gradient is freed after its update; updating an MLP weight adds its temporaries
         step = adam_step_temporaries(wl.device, True) * z.mlp_w * z.train_w
@@ -112,7 +193,7 @@ def _head(z: _Sizes) -> HeadProfile:
     s, wl, a, t, X, f = z.spec, z.wl, z.a, z.t, z.X, FP32
     V, d = s.vocab, s.hidden
     labels = INT64 * wl.batch_size * (wl.local_seq + 1) + (INT64 * t if wl.batch_size > 1 else 0)
-    shared = 2 * a * wl.local_seq * s.head_dim + INT64 * wl.local_seq  # rotary cos, sin; position ids
+    shared = s.rope_sets * 2 * a * wl.local_seq * s.rotary_dim + INT64 * wl.local_seq  # rotary cos, sin; positions
     # final norm (fp32 models keep its input, the last hidden state, as its fp32 input) and its output
     base = z.norm + X
     lm_grad, norm_grad = a * V * d * z.train_w, a * d * z.train_w
@@ -141,7 +222,7 @@ def _head(z: _Sizes) -> HeadProfile:
         bwd_peak, bwd_grads = norm_point, 0 if s.tied or in_backward else lm_grad
     # the tied head's V x d gradient waits in autograd's buffer for the embedding's; the two are then summed
     # out of place (3 V x d at once) before the single accumulation
-    emb_in = X * (2 if s.gemma else 1)  # Gemma-2 scales the embedding output: its gradient is one more X
+    emb_in = X * (2 if s.embed_scale else 1)  # Gemma scales the embedding output: its gradient is one more X
     step = adam_step_temporaries(wl.device, True) * lm_grad if in_backward else 0
     if s.tied:
         end, end_grads = X + norm_grad + lm_grad, norm_grad

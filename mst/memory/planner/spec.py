@@ -1,7 +1,9 @@
 """What the planner needs to know about a model and a training step, read from an HF config.
 
 ``ModelSpec`` is the handful of shapes every memory term is a function of (d, I, L, heads, KV heads, head_dim, V,
-tied embeddings, and the Gemma-2 differences), plus exact parameter counts. ``Workload`` is one training step:
+tied embeddings) and the family's facts, read from its row of ``mst.integrations.FAMILIES`` (the table
+``mst.apply`` uses: norms per layer and their kind, q/k norms, biases, fused projections, block layout, embedding
+scale), plus exact parameter counts. ``Workload`` is one training step:
 sequence length, batch, Ulysses sequence-parallel size, dtype, strategy, optimizer, gradient accumulation, and the
 device whose allocator conventions apply. ``Budget`` is the card: its memory and the reserve kept free. All three
 are plain frozen dataclasses so plans can be cached and compared, and each validates its numbers on construction:
@@ -18,12 +20,11 @@ from typing import Any, Mapping
 import torch
 from transformers import PretrainedConfig
 
+from ...integrations.families import FAMILIES, Family, text_config
 from ...ops import lm_head_chunk_tokens
 from ..quantization import QUANTIZATIONS
 from ..strategies import OPTIMIZERS, STRATEGIES
 
-# model types whose decoder layer the analytic engine models term by term (the traced engine runs the HF code)
-FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
 FP32 = 4  # bytes: RMSNorm statistics, loss logits and the chunked LM head's gradient accumulator are fp32
 INT64 = 8
 GiB = 1024 ** 3
@@ -60,9 +61,26 @@ def check_config_sizes(values: Mapping[str, Any]) -> None:
         raise ValueError(f"final_logit_softcapping must be a positive finite number or None, got {cap!r}")
 
 
+def family_row(config: PretrainedConfig) -> Family:
+    """``config``'s row of ``mst.integrations.FAMILIES``; ValueError naming the family otherwise (a family outside
+    the table has no known layer layout, and a multimodal wrapper is planned through its text config)."""
+    model_type = getattr(config, "model_type", "?")
+    row = FAMILIES.get(model_type)
+    if row is not None:
+        return row
+    text = text_config(config)
+    if text is not config and getattr(text, "model_type", None) in FAMILIES:
+        raise ValueError(f"the memory planner models text decoders: model_type {model_type!r} is a multimodal "
+                         f"wrapper; plan its text config ({text.model_type!r}, config.get_text_config()), knowing "
+                         "that the vision tower's weights and activations are not counted")
+    raise ValueError(f"the memory planner models {', '.join(FAMILIES)} (mst.integrations.FAMILIES); got model_type "
+                     f"{model_type!r}, whose decoder layer it does not know (mst.apply may still accept it through "
+                     "its generic gated-MLP path)")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shapes of an HF Llama-style causal LM (the planner's view of a config)."""
+    """Shapes of an HF decoder-only causal LM and its family's facts (the planner's view of a config)."""
 
     model_type: str
     hidden: int  # d
@@ -73,41 +91,71 @@ class ModelSpec:
     head_dim: int
     vocab: int  # V
     tied: bool  # lm_head shares the embedding matrix
-    attn_bias: bool  # bias on q/k/v (Qwen2)
-    out_bias: bool  # bias on o_proj (Llama with attention_bias=True)
+    attn_bias: bool  # bias on q/k/v (Qwen2, or config.attention_bias)
+    out_bias: bool  # bias on o_proj (config.attention_bias)
     mlp_bias: bool
-    gemma: bool  # Gemma-2: 4 RMSNorms per layer computed in fp32 as x * (1 + w), embeddings scaled by sqrt(d)
-    final_softcap: float | None  # Gemma-2 final-logit softcapping (vanilla HF builds 3 extra S x V tensors)
+    final_softcap: float | None  # Gemma-2/3 final-logit softcapping (vanilla HF builds 3 extra S x V tensors)
+    # the family's facts (``mst.integrations.families.Family`` says what each means for memory)
+    norms_per_layer: int = 2
+    norm: str = "rms"  # "rms" | "gemma" | "layer"
+    qk_norm: bool = False  # (resolved: a config flag named by the family row has been read)
+    qk_norm_interleaved: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    parallel_block: bool = False
+    rope_fp32: bool = False
+    rope_cat: bool = False
+    embed_scale: bool = False
+    rope_dim: int | None = None  # rotated dims per head (Phi-3's partial_rotary_factor; None: head_dim)
+    rope_sets: int = 1  # rotary tables the decoder builds (Gemma-3: one per layer type, local and global)
 
     def __post_init__(self) -> None:
         for name, key in CONFIG_SIZES.items():  # unlike a raw config, a spec has no None left to default
             check_positive_int(key, getattr(self, name))
         check_config_sizes({key: getattr(self, name) for name, key in CONFIG_SIZES.items()}
                            | {"final_logit_softcapping": self.final_softcap})  # head grouping, softcap
+        Family(norms_per_layer=self.norms_per_layer, norm=self.norm, parallel_block=self.parallel_block)  # checks
+        if self.rope_dim is not None:
+            check_positive_int("rope dims (head_dim x partial_rotary_factor)", self.rope_dim)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> "ModelSpec":
-        """The spec of an HF config; ValueError for other families and for sizes that are not positive integers.
+        """The spec of an HF config: shapes from the config, facts from its family row (``family_row``);
+        ValueError for families outside the table and for sizes that are not positive integers.
 
         Missing ``head_dim`` / ``num_key_value_heads`` (None) follow HF's defaults (d / heads, heads); explicit
         zeros are errors, not defaults.
         """
-        model_type = getattr(config, "model_type", "?")
-        if model_type not in FAMILIES:
-            raise ValueError(f"the memory planner models {', '.join(FAMILIES)}; got model_type {model_type!r}")
+        row = family_row(config)
         hidden, heads = config.hidden_size, config.num_attention_heads
         check_positive_int("hidden_size", hidden)  # both are needed to derive head_dim below
         check_positive_int("num_attention_heads", heads)
         head_dim = getattr(config, "head_dim", None)
+        head_dim = hidden // heads if head_dim is None else head_dim
         kv_heads = getattr(config, "num_key_value_heads", None)
         attention_bias = bool(getattr(config, "attention_bias", False))
-        return cls(model_type=model_type, hidden=hidden, intermediate=config.intermediate_size,
+        qk_norm = row.qk_norm if isinstance(row.qk_norm, bool) else bool(getattr(config, row.qk_norm, False))
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type (Gemma-3)
+            rope = next(iter(rope.values()))
+        factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+        rope_dim = None if factor in (None, 1, 1.0) or not isinstance(head_dim, int) else int(head_dim * factor)
+        # one rotary table per layer type when the rope parameters are given per type (Gemma-3: local, global)
+        layer_types = set(getattr(config, "layer_types", None) or ())
+        per_type = bool(layer_types) and isinstance(getattr(config, "rope_parameters", None), dict) and \
+            layer_types <= set(config.rope_parameters)
+        return cls(model_type=config.model_type, hidden=hidden, intermediate=config.intermediate_size,
                    layers=config.num_hidden_layers, heads=heads, kv_heads=heads if kv_heads is None else kv_heads,
-                   head_dim=hidden // heads if head_dim is None else head_dim,
-                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
-                   attn_bias=attention_bias or model_type == "qwen2", out_bias=attention_bias,
-                   mlp_bias=bool(getattr(config, "mlp_bias", False)), gemma=model_type == "gemma2",
-                   final_softcap=getattr(config, "final_logit_softcapping", None))
+                   head_dim=head_dim, vocab=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", row.tied_embeddings)),
+                   attn_bias=attention_bias or row.qkv_bias, out_bias=attention_bias,
+                   mlp_bias=bool(getattr(config, "mlp_bias", False)),
+                   final_softcap=getattr(config, row.softcap_attr, None) if row.softcap_attr else None,
+                   norms_per_layer=row.norms_per_layer, norm=row.norm, qk_norm=qk_norm,
+                   qk_norm_interleaved=qk_norm and row.qk_norm_interleaved, fused_qkv=row.fused_qkv,
+                   fused_gate_up=row.fused_gate_up, parallel_block=row.parallel_block, rope_fp32=row.rope_fp32,
+                   rope_cat=row.rope_cat, embed_scale=row.embed_scale, rope_dim=rope_dim,
+                   rope_sets=len(layer_types) if per_type else 1)
 
     @property
     def q_dim(self) -> int:
@@ -118,26 +166,34 @@ class ModelSpec:
         return self.kv_heads * self.head_dim
 
     @property
-    def norms_per_layer(self) -> int:
-        return 4 if self.gemma else 2
+    def rotary_dim(self) -> int:
+        """Dims per head that RoPE rotates (its cos / sin width)."""
+        return self.head_dim if self.rope_dim is None else self.rope_dim
 
     def layer_param_shapes(self) -> list[int]:
         """Element counts of one decoder layer's parameter tensors."""
         d, inter = self.hidden, self.intermediate
-        flat = [d * self.q_dim, d * self.kv_dim, d * self.kv_dim, self.q_dim * d] + [d * inter] * 3
+        qkv = [self.q_dim + 2 * self.kv_dim] if self.fused_qkv else [self.q_dim, self.kv_dim, self.kv_dim]
+        mlp_out = [2 * inter] if self.fused_gate_up else [inter, inter]
+        flat = [d * n for n in qkv] + [self.q_dim * d] + [d * n for n in mlp_out] + [inter * d]
         if self.attn_bias:
-            flat += [self.q_dim, self.kv_dim, self.kv_dim]
+            flat += qkv
         if self.out_bias:
             flat.append(d)
         if self.mlp_bias:
-            flat += [inter, inter, d]
+            flat += mlp_out + [d]
+        if self.qk_norm:  # Cohere's LayerNorm has a weight per head; RMSNorms share one over heads
+            flat += [self.q_dim, self.kv_dim] if self.norm == "layer" else [self.head_dim, self.head_dim]
         return flat + [d] * self.norms_per_layer
 
     def layer_linears(self) -> list[tuple[int, int]]:
-        """(in, out) features of one layer's seven projections: q, k, v, o, gate, up, down."""
+        """(in, out) features of one layer's projections: q, k, v (or fused qkv), o, gate, up (or fused gate_up),
+        down."""
         d, inter = self.hidden, self.intermediate
-        return [(d, self.q_dim), (d, self.kv_dim), (d, self.kv_dim), (self.q_dim, d), (d, inter), (d, inter),
-                (inter, d)]
+        attn = [(d, self.q_dim + 2 * self.kv_dim)] if self.fused_qkv else [(d, self.q_dim), (d, self.kv_dim),
+                                                                          (d, self.kv_dim)]
+        mlp = [(d, 2 * inter)] if self.fused_gate_up else [(d, inter), (d, inter)]
+        return attn + [(self.q_dim, d)] + mlp + [(inter, d)]
 
     def lora_layer_params(self, rank: int) -> int:
         """LoRA adapter elements of one layer (A: rank x in, B: out x rank on every projection)."""
@@ -166,8 +222,8 @@ class ModelSpec:
 
     @property
     def buffer_bytes(self) -> int:
-        """Rotary ``inv_freq`` and ``original_inv_freq`` (fp32, head_dim / 2 each)."""
-        return 2 * FP32 * (self.head_dim // 2)
+        """Rotary ``inv_freq`` and ``original_inv_freq`` (fp32, rotated dims / 2 each), per rotary table."""
+        return self.rope_sets * 2 * FP32 * (self.rotary_dim // 2)
 
 
 @dataclass(frozen=True)

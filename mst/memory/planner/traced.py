@@ -19,6 +19,8 @@ and caching-allocator rounding/fragmentation (use the ``reserve_gb`` margin of `
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -213,7 +215,9 @@ def _layer_profile(model: torch.nn.Module, config: PretrainedConfig, wl: Workloa
     layer, rotary = decoder.layers[0], decoder.rotary_emb
     x0 = torch.empty(wl.batch_size, wl.local_seq, config.hidden_size, dtype=wl.dtype, requires_grad=True)
     positions = torch.arange(wl.local_seq).unsqueeze(0)
-    cos, sin = rotary(x0, positions)  # shared by all layers: counted once, in the head trace
+    # shared by all layers: counted once, in the head trace; Gemma-3's tables are per layer type
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    cos, sin = rotary(x0, positions, model.config.layer_types[0]) if per_type else rotary(x0, positions)
     grad_out = torch.empty_like(x0, requires_grad=False)
     tracker, marks = LiveBytes([*model.parameters(), *model.buffers(), x0, positions, cos, sin, grad_out]), {}
     with tracker:
@@ -268,8 +272,13 @@ def traced_profiles(config: PretrainedConfig, wl: Workload) -> tuple[LayerProfil
     """Layer and head profiles of ``config`` under ``wl`` by fake tracing (see the module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    ModelSpec.from_config(config)  # the same family check as the analytic engine
+    spec = ModelSpec.from_config(config)  # the same family table and checks as the analytic engine
     one_layer, no_layer = _build(config, 1, wl), _build(config, 0, wl)
     with FakeTensorMode(allow_non_fake_inputs=True):
         one_layer, no_layer = _materialize(one_layer, wl), _materialize(no_layer, wl)
-        return _layer_profile(one_layer, config, wl), _head_profile(no_layer, config, wl)
+        layer, head = _layer_profile(one_layer, config, wl), _head_profile(no_layer, config, wl)
+    if spec.rope_sets > 1:  # flash_equivalent made every layer full attention: the trace built one rotary table
+        # (cos, sin) of the rope_sets the model builds (Gemma-3: local and global), all alive through the layers
+        extra = (spec.rope_sets - 1) * 2 * wl.act_bytes * wl.local_seq * spec.rotary_dim
+        head = dataclasses.replace(head, shared=head.shared + extra)
+    return layer, head
