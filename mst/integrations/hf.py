@@ -8,7 +8,7 @@ What it changes, in place (idempotent; ``mst.revert`` undoes it):
    through ``chunked_module_lm_head_loss``, so whatever the unpatched model computes is what mst computes;
    without labels the original forward runs untouched, so ``generate()`` and evaluation see normal logits;
 3. activation checkpointing of every decoder layer (HF's non-reentrant checkpoint), optionally with the
-   checkpointed layer inputs offloaded to CPU (``mst.memory.offload``); ``revert`` restores the user's own state.
+   checkpointed layer inputs offloaded to CPU (``mst.integrations.offload``); ``revert`` restores the user's own state.
 
 Why hook this way: we call the model's own forward with ``logits_to_keep`` = an empty index, so HF computes
 logits for zero positions (no memory) while a forward hook on the decoder hands us the final hidden states. No
@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import (chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp,
                    resolve_chunk_tokens)
 from .families import FAMILIES, Family, family_of, text_config
+from .offload import offloading_checkpoint
 
 PROBE_TOKENS = 8  # tokens of the apply-time exactness check of families outside the table
 
@@ -264,7 +265,6 @@ def _enable_checkpointing(model: nn.Module, offload: bool) -> tuple[tuple[str, b
                    for name, m in modules)
     func = functools.partial(checkpoint, use_reentrant=False)
     if offload:
-        from ..memory.offload import offloading_checkpoint  # memory builds on integrations, imported lazily
         func = offloading_checkpoint(func)
     for _, m in modules:
         m.gradient_checkpointing, m._gradient_checkpointing_func = True, func

@@ -1,4 +1,4 @@
-"""Memory engine: checkpoint offload, optimizer-in-backward, measurement and the planner.
+"""Memory engine: optimizer-in-backward, measurement and the planner.
 
     from mst.memory import plan, max_seq_len, measure_peak, optimizer_in_backward
     plan(load_config("llama3-8b"), 60_000, "mst").peak_bytes      # predicted peak of one training step
@@ -6,8 +6,7 @@
 """
 from .backward_optimizer import OptimizerInBackward, optimizer_in_backward
 from .measure import MemoryReport, measure_peak
-from .offload import offloading_checkpoint
 from .planner import Plan, max_seq_len, plan
 
-__all__ = ["MemoryReport", "OptimizerInBackward", "Plan", "max_seq_len", "measure_peak", "offloading_checkpoint",
-           "optimizer_in_backward", "plan"]
+__all__ = ["MemoryReport", "OptimizerInBackward", "Plan", "max_seq_len", "measure_peak", "optimizer_in_backward",
+           "plan"]

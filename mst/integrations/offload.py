@@ -18,8 +18,6 @@ class OffloadingCheckpoint:
 
     A class, not a closure, so a model using it can be deep-copied and pickled like any other."""
 
-    _mst_offload = True
-
     def __init__(self, checkpoint_fn: Callable):
         self.checkpoint_fn = checkpoint_fn
 
