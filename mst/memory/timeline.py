@@ -8,11 +8,12 @@ the paper's figures were drawn with; the level starts at ``torch.cuda.memory_all
 ``alloc`` / ``free_completed`` of the trace, and the event names the allocating frame. ``snapshot_path`` keeps the
 raw snapshot for https://pytorch.org/memory_viz.
 
-CPU has no allocator history, so the planner's dispatch-mode counter (``LiveBytes``, mst.memory.planner.traced)
-counts the storage bytes every op creates until they die, on top of what ``track``'s parameters, gradients, buffers
-and optimizer states hold when the call starts. Its events name the op and the phase: "backward" while an autograd
-node runs (so checkpoint recomputes and optimizer-in-backward updates count as backward), otherwise "forward"
-before the first backward op and "after_backward" after it (the ``optimizer.step()`` of a plain AdamW step).
+CPU has no allocator history, so the dispatch-mode counter the planner traces with (``LiveBytes``,
+``mst.memory.live_bytes``) counts the storage bytes every op creates until they die, on top of what ``track``'s
+parameters, gradients, buffers and optimizer states hold when the call starts. Its events name the op and the phase:
+"backward" while an autograd node runs (so checkpoint recomputes and optimizer-in-backward updates count as
+backward), otherwise "forward" before the first backward op and "after_backward" after it (the ``optimizer.step()``
+of a plain AdamW step).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .live_bytes import LiveBytes
 from .measure import held_tensors
-from .planner.traced import LiveBytes
 
 Tracked = nn.Module | torch.optim.Optimizer
 

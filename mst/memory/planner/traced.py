@@ -3,8 +3,9 @@
 Nothing is allocated: the model is built on ``meta`` and materialised as fake *cpu* tensors inside
 ``FakeTensorMode`` (environment.md §7: fake ``cuda`` aborts a CPU-only torch; ``meta`` makes SDPA take the math
 path and materialise S x S scores, while fake cpu dispatches to the flash kernel, memory-equivalent to FlashAttention
-on a GPU). A dispatch mode (``LiveBytes``) counts the bytes of every tensor storage an op creates until that storage
-dies, the quantity ``torch.distributed._tools.mem_tracker.MemTracker`` reports, with the peak between marks.
+on a GPU). A dispatch mode (``LiveBytes``, ``mst.memory.live_bytes``) counts the bytes of every tensor storage an op
+creates until that storage dies, the quantity ``torch.distributed._tools.mem_tracker.MemTracker`` reports, with the
+peak between marks.
 
 Two short traces per strategy and length, then ``compose`` adds weights, gradients and optimizer state:
 1. one decoder layer, forward then backward from a gradient on its output (checkpointed for ac/mst, so the
@@ -21,110 +22,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import weakref
-from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from transformers import PretrainedConfig
 
+from ..live_bytes import LiveBytes
 from ..strategies import prepare
 from .compose import HeadProfile, LayerProfile
 from .spec import ModelSpec, Workload
-
-
-@dataclass
-class Mark:
-    """Live bytes at a mark (and which storages), and the peak (with its storages) since the previous mark."""
-
-    current: int
-    peak: int
-    alive: frozenset = field(default_factory=frozenset)
-    peak_storages: frozenset = field(default_factory=frozenset)
-
-
-# Fake tensors carry no values, so reading one (``bool(t)``) is answered here: the chunked LM head skips a chunk
-# only if all its labels are ignored (``all()``) / keeps it if any is valid (``any()``); memory-wise the worst case
-# is that every chunk has valid labels, i.e. all() -> False and any() -> True.
-_FAKE_TRUTH = {torch.ops.aten.all.default: False, torch.ops.aten.all.dim: False,
-               torch.ops.aten.any.default: True, torch.ops.aten.any.dim: True}
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the storage bytes created by ops inside the mode that are still alive; ``mark()`` splits windows.
-
-    ``ignore``: tensors that exist before the trace (parameters, inputs): ops that return views of them must not
-    count them as new memory. Also answers ``item()`` of fake ``all()``/``any()`` results (see ``_FAKE_TRUTH``);
-    any other data-dependent read raises, as plain fake tensors do.
-    """
-
-    def __init__(self, ignore=()):
-        super().__init__()
-        self._truth = WeakIdKeyDictionary()  # storage of an all()/any() result -> the value to read
-        self._ids = WeakIdKeyDictionary()  # storage -> serial number
-        self._size: dict[int, int] = {-1: 0}  # serial -> bytes (kept after death, for attribution)
-        for t in ignore:
-            self._ids[t.untyped_storage()] = -1
-        self._alive: set[int] = set()
-        self.current = 0
-        self._peak = 0
-        self._peak_alive: frozenset = frozenset()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].untyped_storage() in self._truth:
-            return self._truth[args[0].untyped_storage()]
-        out = func(*args, **(kwargs or {}))
-        if func in _FAKE_TRUTH:
-            self._truth[out.untyped_storage()] = _FAKE_TRUTH[func]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
-        if self.current > self._peak:
-            self._peak, self._peak_alive = self.current, frozenset(self._alive)
-        return out
-
-    def _track(self, storage) -> None:
-        if storage in self._ids:
-            return
-        serial = len(self._size) - 1
-        self._ids[storage] = serial
-        self._size[serial] = storage.nbytes()
-        self._alive.add(serial)
-        self.current += self._size[serial]
-        weakref.finalize(storage, self._drop, serial)
-
-    def _drop(self, serial: int) -> None:
-        self._alive.discard(serial)
-        self.current -= self._size[serial]
-
-    def forget(self, storages: frozenset) -> int:
-        """Stop counting these (alive) storages from now on; returns their bytes."""
-        freed = sum(self._size[s] for s in storages & self._alive)
-        for serial in storages:
-            self._alive.discard(serial)
-            self._size[serial] = 0
-        self.current -= freed
-        return freed
-
-    def mark(self) -> Mark:
-        """Close the window (its peak and the storages alive then), and start a new one at the current level."""
-        alive = frozenset(self._alive)
-        if self.current >= self._peak:
-            self._peak, self._peak_alive = self.current, alive
-        mark = Mark(self.current, self._peak, alive, self._peak_alive)
-        self._peak, self._peak_alive = self.current, alive
-        return mark
-
-    def serials_of(self, tensors) -> frozenset:
-        """Serial numbers of the given tensors' storages (None for untracked ones)."""
-        return frozenset(self._ids.get(t.untyped_storage()) for t in tensors if t is not None)
-
-    def bytes_of(self, storages: frozenset, tensors) -> int:
-        """Bytes of the given tensors' storages that were among ``storages`` (e.g. gradients alive at a peak)."""
-        return sum(self._size[s] for s in self.serials_of(tensors) & storages)
 
 
 def _mark_once(marks: dict, name: str, tracker: LiveBytes) -> None:
