@@ -16,7 +16,8 @@ mini-sequence MLP and chunked LM-head run on each rank's local shard:
     mst.distributed.reduce_gradients(model)                        # one all-reduce over the SP x DP grid
 
 Files: ``launch`` (rendezvous from the environment), ``sequence_parallel`` (SP x DP grid, validation, backend
-registry), ``ulysses`` (DeepSpeed-Ulysses), ``lss`` (LSS segment attention and the all-gather baseline),
+registry), ``routing`` (HF's attention registry routed per model while a model is sequence-parallel, restored
+by teardown), ``ulysses`` (DeepSpeed-Ulysses), ``lss`` (LSS segment attention and the all-gather baseline),
 ``sharding`` (``shard_batch``; every rank's shard must have one shape, checked once per forward by
 ``check_equal_shards``), ``loss`` (``sp_loss``, ``reduce_gradients``, double averaging), ``comm_stats``
 (``count_collectives`` and the communication model ``predict_step``).

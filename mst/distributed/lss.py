@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .ulysses import _router, attention_modules
+from .routing import route
 
 
 def validate(config: Any, sp_size: int) -> None:
@@ -139,19 +139,15 @@ def _install(model: nn.Module, group: Any, gather_queries: bool) -> None:
     if impl not in ALL_ATTENTION_FUNCTIONS:  # "eager" is called directly by HF, not looked up: no hook point
         raise ValueError(f"LSS sequence parallelism hooks the attention registry, which has no {impl!r} entry; "
                          f"build the model with attn_implementation='sdpa' (LSS runs SDPA itself either way)")
-    if not hasattr(ALL_ATTENTION_FUNCTIONS[impl], "_mst_original"):
-        ALL_ATTENTION_FUNCTIONS[impl] = _router(ALL_ATTENTION_FUNCTIONS[impl])
     attention = SegmentAttention(group, gather_queries)
-    for module in attention_modules(model):
-        module._mst_sp_attention = attention
+    route(model, lambda core_attention: attention)  # LSS runs SDPA itself, never the core function
 
 
-def install(model: nn.Module, group: Any, backend: str) -> None:
+def install(model: nn.Module, group: Any) -> None:
     """Route every attention module of ``model`` through LSS segment attention over ``group``."""
     _install(model, group, gather_queries=False)
 
 
-def install_allgather(model: nn.Module, group: Any, backend: str) -> None:
+def install_allgather(model: nn.Module, group: Any) -> None:
     """Route every attention module of ``model`` through the naive all-gather baseline over ``group``."""
     _install(model, group, gather_queries=True)
-

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import lss, ulysses
+from .routing import unroute
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Backend:
     """One way of running attention over a sequence split across ranks."""
 
     validate: Callable[[Any, int], None]  # (model config, sp_size) -> raise ValueError if unsupported
-    install: Callable[[nn.Module, Any, str], None]  # (model, SP process group, torch.distributed backend name)
+    install: Callable[[nn.Module, Any], None]  # (model, SP process group)
     uninstall: Callable[[nn.Module], None]
     # LSS: each rank's loss term is scaled by sp and gradients are averaged over all sp x dp ranks, instead of
     # summed over SP and averaged over DP (the same numbers; see mst.distributed.loss)
@@ -62,9 +63,9 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "ulysses": Backend(ulysses.validate, ulysses.install, ulysses.uninstall),
-    "lss": Backend(lss.validate, lss.install, ulysses.uninstall, double_averaging=True),
-    "allgather": Backend(lss.validate, lss.install_allgather, ulysses.uninstall),
+    "ulysses": Backend(ulysses.validate, ulysses.install, unroute),
+    "lss": Backend(lss.validate, lss.install, unroute, double_averaging=True),
+    "allgather": Backend(lss.validate, lss.install_allgather, unroute),
 }
 
 
@@ -116,7 +117,7 @@ def setup_sequence_parallel(model: nn.Module, sp_size: int, backend: str = "ulys
         sp = SequenceParallel(size=1, rank=0, group=None, backend=backend, dp_size=dp, dp_rank=dp_rank)
     else:
         group, rank, dp, dp_rank = _new_groups(sp_size)
-        BACKENDS[backend].install(model, group, dist.get_backend())
+        BACKENDS[backend].install(model, group)
         sp = SequenceParallel(size=sp_size, rank=rank, group=group, backend=backend, dp_size=dp, dp_rank=dp_rank)
         model._mst_sp_shard_check = model.register_forward_pre_hook(_check_shard_hook, with_kwargs=True)
     model.mst_sp = sp
@@ -157,7 +158,8 @@ def _check_shard_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def teardown_sequence_parallel(model: nn.Module) -> nn.Module:
-    """Undo ``setup_sequence_parallel`` on ``model`` (its attention runs unsharded again)."""
+    """Undo ``setup_sequence_parallel`` on ``model``: its attention runs unsharded again, and once no
+    sequence-parallel model is left HF's attention registry holds its original functions again."""
     sp = getattr(model, "mst_sp", None)
     if sp is None:
         return model

@@ -5,13 +5,9 @@ Each rank holds a contiguous slice of the sequence. Around every attention call,
 runs the model's own core attention (sdpa / flash / flex), and all-to-alls the output back. Everything else in the
 decoder (norms, rotary, the mini-sequence MLP, the chunked LM-head) is token-wise and runs on the local shard.
 
-Why hook this way: HF looks the core attention up by name in ``ALL_ATTENTION_FUNCTIONS`` on every call, and HF
-code branches on that name elsewhere (mask creation, flash varlen), so, like DeepSpeed's
-``register_with_transformers``, we replace the entry of the model's *own* implementation name instead of
-registering a new name. Unlike DeepSpeed we replace it with a router: only attention modules that carry a
-``_mst_sp_attention`` attribute (set by ``install``) go through Ulysses, every other module in the process (e.g. an
-unsharded reference model in a test) gets the original function. This also keeps DeepSpeed's global
-sequence-parallel state (``parallel_state_sp``) untouched, so several models and groups can coexist.
+How it is hooked: through the attention registry (``mst.distributed.routing``), with DeepSpeed's wrapper built
+around the model's own core attention function; DeepSpeed's global sequence-parallel state
+(``parallel_state_sp``) is left untouched, so several models and groups can coexist.
 
 Requirements (``validate``): heads % sp == 0 and (kv_heads % sp == 0 or sp % kv_heads == 0, then kv heads are
 replicated, as in DeepSpeed). Attention masks are
@@ -23,7 +19,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from .routing import route
 
 # core attention implementations Ulysses can wrap (eager needs a 4-D S x S mask, which SP cannot shard)
 SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -42,8 +41,9 @@ def validate(config: Any, sp_size: int) -> None:
                          f"it (kv heads are then replicated): num_key_value_heads={kv}, sp_size={sp_size}")
 
 
-def init_deepspeed_comm(backend: str) -> None:
-    """Initialise ``deepspeed.comm`` on top of the already-initialised ``torch.distributed`` (needed by Ulysses).
+def init_deepspeed_comm(dist_backend: str) -> None:
+    """Initialise ``deepspeed.comm`` on top of the already-initialised ``torch.distributed`` (needed by Ulysses);
+    ``dist_backend`` is its process-group backend ("gloo", "nccl").
 
     On the CPU accelerator ``deepspeed.init_distributed`` would JIT-compile a shared-memory all-reduce op with g++
     (~80 s, environment.md §2); Ulysses only needs all-to-all / all-gather, so that op is disabled first.
@@ -54,7 +54,7 @@ def init_deepspeed_comm(backend: str) -> None:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=dist_backend)
 
 
 class UlyssesAttention:
@@ -97,49 +97,12 @@ class UlyssesAttention:
                 module.num_key_value_groups = groups
 
 
-def _router(original: Callable) -> Callable:
-    """Attention function that sends modules marked with ``_mst_sp_attention`` through Ulysses."""
-
-    def route(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-        sp_attention = getattr(module, "_mst_sp_attention", None)
-        if sp_attention is None:
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return sp_attention(module, query, key, value, attention_mask, *args, **kwargs)
-
-    route._mst_original = original
-    return route
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every decoder layer (``get_decoder().layers[i].self_attn``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise ValueError(f"sequence parallelism expects an HF *ForCausalLM whose decoder layers have .self_attn; "
-                         f"got {type(model).__name__}")
-    return [layer.self_attn for layer in layers]
-
-
-def install(model: nn.Module, group: Any, backend: str) -> None:
-    """Route every attention module of ``model`` through Ulysses over ``group`` (idempotent per model)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
+def install(model: nn.Module, group: Any) -> None:
+    """Route every attention module of ``model`` through Ulysses over ``group`` (a second call replaces the first)."""
     impl = model.config._attn_implementation
     if impl not in SUPPORTED_ATTENTION:
         raise ValueError(f"Ulysses sequence parallelism needs attn_implementation in {SUPPORTED_ATTENTION} "
                          f"(masks are dropped and causality comes from positions); the model uses {impl!r}. "
                          "Build it with attn_implementation='sdpa'.")
-    init_deepspeed_comm(backend)
-    current = ALL_ATTENTION_FUNCTIONS[impl]
-    if not hasattr(current, "_mst_original"):
-        ALL_ATTENTION_FUNCTIONS[impl] = _router(current)
-        current = ALL_ATTENTION_FUNCTIONS[impl]
-    attention = UlyssesAttention(current._mst_original, model.config, group)
-    for module in attention_modules(model):
-        module._mst_sp_attention = attention  # a plain attribute: UlyssesAttention is not an nn.Module
-
-
-def uninstall(model: nn.Module) -> None:
-    """Send ``model``'s attention back to the core implementation (the router stays, transparent)."""
-    for module in attention_modules(model):
-        module.__dict__.pop("_mst_sp_attention", None)
+    init_deepspeed_comm(dist.get_backend())
+    route(model, lambda core_attention: UlyssesAttention(core_attention, model.config, group))

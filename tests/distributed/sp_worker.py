@@ -7,7 +7,10 @@ itself (plain, or with mst.apply, on the full batch), then the sequence-parallel
 ``mst.distributed``, and checks them with ``torch.testing.assert_close`` defaults. Rank 0 prints one
 ``CASE <name> OK loss=...`` line per case (names prefixed ``<backend>_`` for backends other than ulysses); any
 mismatch raises, so torchrun exits non-zero. Every case also counts the step's collectives
-(``count_collectives``) and checks them against the communication model (``predict_step``).
+(``count_collectives``) and checks them against the communication model (``predict_step``), and ends with
+``teardown_sequence_parallel``, after which HF's ``ALL_ATTENTION_FUNCTIONS`` must hold the very functions it held
+before the first setup; ``two_models_teardown`` tears down one of two SP models (the other stays exact), then
+the other, then sets one up and tears it down again.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import sys
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import mst
 import mst.distributed as md
@@ -24,6 +28,7 @@ from mst.distributed import predict_step
 from mst.distributed.comm_stats import grad_buckets
 
 VOCAB = 257
+ORIGINAL_ATTENTION = dict(ALL_ATTENTION_FUNCTIONS)  # before any setup_sequence_parallel
 
 
 def tiny_llama(kv_heads: int, heads: int = 4) -> torch.nn.Module:
@@ -98,8 +103,47 @@ def run_case(name, *, strategy, kv_heads, batch, seq, heads=4, sp_size=None, ign
     # the router must leave an unsharded model alone: its loss is still the reference
     again = prepare(copy.deepcopy(base), strategy)
     torch.testing.assert_close(again(**batches[0]).loss.detach(), ref_losses[0])
+    md.teardown_sequence_parallel(model)
+    assert_attention_restored(name)
     if rank == 0:
         print(f"CASE {name} OK loss={loss.item():.6f}", flush=True)
+
+
+def assert_attention_restored(name):
+    """No sequence-parallel model is left: every registry entry is the original function again."""
+    now = dict(ALL_ATTENTION_FUNCTIONS)
+    changed = sorted(k for k in ORIGINAL_ATTENTION.keys() | now.keys() if now.get(k) is not ORIGINAL_ATTENTION.get(k))
+    assert not changed, f"{name}: ALL_ATTENTION_FUNCTIONS entries {changed} not restored by teardown"
+
+
+def run_teardown_case(backend):
+    """Two SP models routed through one registry entry, torn down one at a time, then one set up again."""
+    name = "two_models_teardown" if backend == "ulysses" else f"{backend}_two_models_teardown"
+    world = dist.get_world_size()
+    base = tiny_llama(kv_heads=2)
+    batch = make_batch(1, 64, seed=7, ignore=True)
+    expected = base(**batch).loss.detach()
+
+    def sp_step(model):
+        sp = md.setup_sequence_parallel(model, world, backend=backend)
+        return md.sp_loss(model, md.shard_batch(batch, sp.rank, sp.size)).detach()
+
+    first, second = copy.deepcopy(base), copy.deepcopy(base)
+    torch.testing.assert_close(sp_step(first), expected)
+    torch.testing.assert_close(sp_step(second), expected)
+    md.teardown_sequence_parallel(first)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not ORIGINAL_ATTENTION["sdpa"], f"{name}: second lost its routing"
+    torch.testing.assert_close(md.sp_loss(second, md.shard_batch(batch, second.mst_sp.rank, world)).detach(),
+                               expected)
+    md.teardown_sequence_parallel(second)
+    assert_attention_restored(name)
+    torch.testing.assert_close(sp_step(first), expected)
+    torch.testing.assert_close(sp_step(first), expected)  # set up again without teardown: replaces, not stacks
+    md.teardown_sequence_parallel(first)
+    assert_attention_restored(name)
+    torch.testing.assert_close(first(**batch).loss.detach(), expected)
+    if dist.get_rank() == 0:
+        print(f"CASE {name} OK", flush=True)
 
 
 def expect_error(name, fn, text):
@@ -125,6 +169,7 @@ def run_backend(backend: str, world: int) -> None:
     if world == 4:
         case("vanilla_kv_replicated_bs2", strategy="vanilla", kv_heads=2, batch=2, seq=64, ignore=True)
         case("mst_sp2_dp2", strategy="mst", kv_heads=2, batch=2, seq=64, sp_size=2, ignore=True)
+    run_teardown_case(backend)
 
 
 def main():

@@ -84,5 +84,5 @@ def test_eager_attention_is_refused_with_a_hint(one_rank_group) -> None:
 
     model = AutoModelForCausalLM.from_config(config(), attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        install(model, None, "gloo")
+        install(model, None)
     assert setup_sequence_parallel(model, 1, backend="lss").size == 1  # one rank: nothing to install
