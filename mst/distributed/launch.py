@@ -25,7 +25,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str | None  # None: single process, torch.distributed not initialised
+    dist_backend: str | None  # process-group backend ("gloo", "nccl"); None: single process, not initialised
 
 
 def rendezvous_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
@@ -86,8 +86,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         torch.cuda.set_device(dev)
     if world == 1:
         return DistEnv(0, 1, 0, dev, None)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist_backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+        dist.init_process_group(dist_backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(rank, world, local, dev, dist.get_backend())

@@ -42,7 +42,7 @@ def test_init_single_process_does_not_start_a_group(monkeypatch: pytest.MonkeyPa
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     env = init_distributed(device="cpu")
-    assert (env.rank, env.world_size, env.backend, env.device.type) == (0, 1, None, "cpu")
+    assert (env.rank, env.world_size, env.dist_backend, env.device.type) == (0, 1, None, "cpu")
 
 
 def test_init_rejects_unknown_device() -> None:
