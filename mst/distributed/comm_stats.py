@@ -158,7 +158,7 @@ def predict_step(backend: str, *, sp: int, dp: int, layers: int, heads: int, kv_
         add("all_to_all_single", 4 * layers, per_forward / 4, sp)
         add("all_gather", forwards, sp * tokens * 8, sp)
     else:
-        raise ValueError(f"unknown backend {backend!r}")
+        raise ValueError(f"unknown sequence-parallel backend {backend!r}")
     add("all_gather_into_tensor", 1, sp * 2 * 8, sp)  # the shard-shape check
     add("all_reduce", 1, 8, sp)
     add("all_reduce", 1, 4, sp)

@@ -45,7 +45,7 @@ class SequenceParallel:
     size: int
     rank: int
     group: Any
-    backend: str
+    backend: str  # the attention backend, a key of BACKENDS (not the process-group backend)
     dp_size: int = 1
     dp_rank: int = 0  # which data-parallel replica (row of the SP x DP grid) this rank belongs to
 
