@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", action="append", choices=list(STRATEGIES),
                    help="repeat to choose several (default: all)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--grad-accumulation", action="store_true", help="gradients resident (long accumulation)")
+    p.add_argument("--grad-accumulation", action="store_true",
+                   help="plan a micro-step of a gradient-accumulation window (every gradient resident; no step count)")
     p.add_argument("--engine", choices=ENGINES, default="analytic")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--batch-size", type=int, default=1)

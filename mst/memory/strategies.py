@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..integrations import apply
+from .backward_optimizer import optimizer_in_backward
 
 STRATEGIES: dict[str, dict | None] = {
     "vanilla": None,
@@ -46,12 +47,12 @@ def prepare(model: nn.Module, strategy: str, quantization: str | None = None, **
     return model
 
 
-def make_train_step(model: nn.Module, *, optimizer: str = "adamw", batch_size: int = 1, grad_accumulation: int = 1,
+def make_train_step(model: nn.Module, *, optimizer: str = "adamw", batch_size: int = 1, accumulation_steps: int = 1,
                     lr: float = 1e-5, device: str | torch.device | None = None
                     ) -> tuple[Callable[[int], torch.Tensor], list]:
     """One optimizer (built once) and a ``step(seq_len)`` closure training on random tokens of that length.
 
-    Memory does not depend on token values. optimizer="adamw": forward/backward ``grad_accumulation``
+    Memory does not depend on token values. optimizer="adamw": forward/backward ``accumulation_steps``
     micro-batches, then ``AdamW.step`` (gradients live through the whole window, as in the paper's Table 4).
     optimizer="adamw_in_backward": each parameter is updated and its gradient freed as soon as it is accumulated
     (the paper's max-length setting, Tables 2/3). Returns ``(step, track)``; ``track`` lists what
@@ -59,25 +60,23 @@ def make_train_step(model: nn.Module, *, optimizer: str = "adamw", batch_size: i
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    if grad_accumulation < 1:
-        raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
+    if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = model.config.vocab_size
     if optimizer == "adamw":
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, foreach=False)
         track: list = [model, opt]
     else:
-        from . import optimizer_in_backward  # the memory package's own module, loaded on first use
-
-        opt = optimizer_in_backward(model, lr=lr, accumulation_steps=grad_accumulation)
+        opt = optimizer_in_backward(model, lr=lr, accumulation_steps=accumulation_steps)
         track = [model, *opt.optimizers]
 
     def step(seq_len: int) -> torch.Tensor:
         loss = None
-        for _ in range(grad_accumulation):
+        for _ in range(accumulation_steps):
             ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
             loss = model(input_ids=ids, labels=ids).loss
-            (loss / grad_accumulation).backward()
+            (loss / accumulation_steps).backward()
             del ids
         if optimizer == "adamw":
             opt.step()

@@ -154,6 +154,12 @@ def test_unknown_strategy_and_optimizer():
         make_train_step(tiny_model("llama"), optimizer="sgd")
 
 
+@pytest.mark.parametrize("steps", [0, True, 2.0])
+def test_accumulation_steps_is_a_positive_integer(steps):
+    with pytest.raises(ValueError, match="accumulation_steps must be a positive integer"):
+        make_train_step(tiny_model("llama"), accumulation_steps=steps)
+
+
 @pytest.mark.parametrize("expect", [1, 40, 640, 700, 704, 800, 5000, 10 ** 6])
 @pytest.mark.parametrize("limit", [0, 15, 700, 4096])
 def test_search_seeded_by_a_prediction_finds_the_same_limit(limit, expect):

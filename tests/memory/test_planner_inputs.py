@@ -85,6 +85,7 @@ def test_budget_usable_bytes() -> None:
     (dict(max_len=0), "max_len must be a positive integer"),
     (dict(max_len=100), "max_len 100 is less than one search step of 256 tokens"),
     (dict(gpus=0), r"sp \(gpus\) must be a positive integer"),
+    (dict(grad_accumulation=1), "grad_accumulation is a flag"),  # a count, as make_train_step's accumulation_steps
 ])
 def test_max_seq_len_rejects_nonsense(llama3, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -26,7 +26,7 @@ def measured_and_planned(config, seq_len: int, strategy: str, *, dtype=torch.flo
     torch.manual_seed(0)
     # the planner's attention (SDPA without a mask): the only SDPA path for Gemma-2, identical memory elsewhere
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=causal_attention())
-    step, track = make_train_step(prepare(model, strategy), optimizer=optimizer, grad_accumulation=accumulation,
+    step, track = make_train_step(prepare(model, strategy), optimizer=optimizer, accumulation_steps=accumulation,
                                   batch_size=batch_size)
     step(seq_len)  # optimizer state exists from here on, as in every later step
     measured = measure_peak(lambda: step(seq_len), track).peak_bytes

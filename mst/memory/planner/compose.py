@@ -73,7 +73,7 @@ class Plan:
     batch_size: int = 1
     dtype: str = ""
     optimizer: str = ""
-    grad_accumulation: bool = False
+    grad_accumulation: bool = False  # flag: planned as a micro-step of an accumulation window
     device: str = "cuda"
     gpu_mem_gb: float = 80.0
 

@@ -56,8 +56,9 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     """Predicted peak memory of one training step of ``config`` (an HF config or a ``mst.configs`` name).
 
     strategy: "vanilla" | "ac" | "mst" | "mst_offload"; optimizer: "adamw" (for-loop AdamW, the repo's training
-    step) | "adamw_in_backward" (``mst.memory.optimizer_in_backward``); grad_accumulation: a micro-step in the
-    middle of a long accumulation window (every gradient resident); engine: "analytic" | "traced".
+    step) | "adamw_in_backward" (``mst.memory.optimizer_in_backward``); grad_accumulation, a flag: the step is a
+    micro-step in the middle of an accumulation window (every gradient resident; no step count, unlike
+    ``make_train_step``'s ``accumulation_steps``); engine: "analytic" | "traced".
     ``device="cpu"`` plans a CPU run instead (offloaded checkpoints count, CPU AdamW defaults), used to validate
     the planner against measured CPU steps. ``gpu_mem_gb`` only fills ``Plan.gpu_mem_gb`` (see ``Plan.fits``).
     ``mst_options``: what-if ``mst.apply`` options for the traced engine, e.g. ``{"mlp_mode": "naive",
@@ -102,7 +103,8 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: 
     """Longest sequence (a multiple of ``granularity`` x ``gpus``, at most ``max_len``) whose planned peak fits
     ``gpu_mem_gb`` GiB minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak
     grows with S). The result is an int whose ``capped`` is True when the search reached ``max_len`` without
-    overflowing: then the true limit is at least that (``MaxSeqLen``).
+    overflowing: then the true limit is at least that (``MaxSeqLen``). The step options are ``plan``'s
+    (``grad_accumulation`` is a flag).
 
     Raises ValueError for nonsense numbers (``Budget``, ``Workload``, granularity / max_len not positive integers,
     max_len below one step) and when weights + optimizer state (+ resident gradients) alone exceed the budget.

@@ -236,7 +236,7 @@ class Workload:
     sp: int = 1  # Ulysses sequence-parallel size (GPUs)
     dtype: torch.dtype = torch.bfloat16
     optimizer: str = "adamw"
-    grad_accumulation: bool = False
+    grad_accumulation: bool = False  # a flag, not a count: the step is a micro-step of an accumulation window
     device: str = "cuda"  # "cpu" counts offloaded checkpoints as resident and uses CPU AdamW's for-loop
     mst_options: tuple = ()  # extra ``mst.apply`` options as (name, value) pairs (traced engine only)
     quantization: str | None = None  # "int8" | "nf4": frozen k-bit projections + LoRA (mst.memory.quantization)
@@ -258,6 +258,9 @@ class Workload:
             raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        if not isinstance(self.grad_accumulation, bool):  # a count here (1 = "no accumulation") would read as True
+            raise ValueError(f"grad_accumulation is a flag (True: plan a micro-step of an accumulation window, "
+                             f"gradients resident; the planner takes no step count), got {self.grad_accumulation!r}")
 
     @property
     def local_seq(self) -> int:
