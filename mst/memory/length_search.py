@@ -6,6 +6,20 @@ memory (``is_allocation_failure``: CUDA, cuBLAS or CPU allocator) or when the me
 (how a CPU run emulates a GPU's capacity). Failures are caught, memory is freed, and the search goes on: first
 doubling from ``start`` until a failure, then bisection down to ``granularity`` tokens. Any other exception is a bug
 and propagates. Nothing here knows about models: ``make_step(seq_len)`` builds the step to try.
+
+Several processes searching together (sequence parallelism: every rank holds a shard of the same step) must take
+the same decision at every trial, or they would try different lengths and block each other in the step's
+collectives. ``reduce_peak`` (of ``run_trial`` and ``search_max_seq_len``) maps this process's measured peak to the
+peak the decision uses, e.g. the largest over ranks by an ``all_reduce(MAX)``; every rank then sees the same number,
+the same fit and the same next length. A trial that ran out of memory on this rank contributes ``FAILED_PEAK``
+(int64's largest value, "infinite"), so the reduced peak makes it a failure on every rank ("OOM on another rank"
+where this rank itself had measured a peak). The trial's ``peak_bytes`` is then the reduced peak, its breakdown
+this rank's. Only an allocation failure that leaves the ranks in step can be recovered this way: on every rank
+at the same point, or on one rank after the step's last collective (e.g. in the optimizer step). One inside a
+collective (an NCCL all-to-all or all-reduce that cannot allocate its buffers), or on one rank before a collective
+the others then wait in, cannot: the others stay blocked, or their next collective is matched against this rank's
+``reduce_peak``, and the communicator is unusable. So keep a distributed search's budget below the device's
+capacity: the budget, not the allocator, should decide.
 """
 from __future__ import annotations
 
@@ -18,6 +32,8 @@ import torch
 from .measure import free_memory, measure_peak
 
 StepFactory = Callable[[int], tuple[Callable[[], object], list]]  # seq_len -> (step_fn, modules/optimizers to track)
+PeakReducer = Callable[[int], int]  # this process's peak bytes -> the peak every process decides on
+FAILED_PEAK = torch.iinfo(torch.int64).max  # the peak an out-of-memory trial contributes to ``reduce_peak``
 
 
 @dataclass
@@ -67,9 +83,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, device: torch.device,
-              warmup_steps: int = 1, method: str = "tracker") -> tuple[Trial, dict]:
+              warmup_steps: int = 1, method: str = "tracker",
+              reduce_peak: PeakReducer | None = None) -> tuple[Trial, dict]:
     """One length: build the step, warm-up steps, then a measured step. Returns the trial and the peak breakdown;
-    running out of memory anywhere in it is a failed trial whose ``error`` says so ("OOM: ...")."""
+    running out of memory anywhere in it is a failed trial whose ``error`` says so ("OOM: ..."). ``reduce_peak``:
+    the peak that decides (see the module docstring); it is called once per trial, whether or not this process ran
+    out of memory."""
+    peak = elapsed = error = None
+    breakdown: dict = {}
     try:
         step, track = make_step(seq_len)
         for _ in range(warmup_steps):
@@ -79,22 +100,28 @@ def run_trial(make_step: StepFactory, seq_len: int, budget_bytes: int | None, de
         start = time.perf_counter()
         report = measure_peak(step, track, device, method=method)
         elapsed = time.perf_counter() - start
-        peak = report.allocator_peak_bytes or report.peak_bytes
-        fits = budget_bytes is None or peak <= budget_bytes
-        return Trial(seq_len, fits, peak, elapsed, None if fits else "over budget"), report.breakdown
+        peak, breakdown = report.allocator_peak_bytes or report.peak_bytes, report.breakdown
     except Exception as exc:
         if not is_allocation_failure(exc):
             raise
-        return Trial(seq_len, False, error=f"OOM: {_first_line(exc)}"), {}
+        error = f"OOM: {_first_line(exc)}"
     finally:
         step = track = None  # noqa: F841  (drop references before freeing)
         free_memory()
+    if reduce_peak is not None:
+        peak = reduce_peak(FAILED_PEAK if peak is None else peak)
+        if peak >= FAILED_PEAK:
+            peak, error = None, error or "OOM on another rank"
+    if peak is None:
+        return Trial(seq_len, False, error=error), {}
+    fits = budget_bytes is None or peak <= budget_bytes
+    return Trial(seq_len, fits, peak, elapsed, None if fits else "over budget"), breakdown
 
 
 def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, device: str | torch.device = "cpu",
                        start: int = 256, granularity: int = 64, max_len: int = 1 << 22, warmup_steps: int = 1,
                        progress: Callable[[Trial], None] | None = None, method: str = "tracker",
-                       expect: int | None = None) -> SearchResult:
+                       expect: int | None = None, reduce_peak: PeakReducer | None = None) -> SearchResult:
     """Largest multiple of ``granularity`` whose training step fits; see the module docstring.
 
     Without ``expect``: doubling from ``start`` until a failure, then bisection. With ``expect`` (a prediction, e.g.
@@ -102,6 +129,8 @@ def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, devi
     up while trials fit (or down while they fail) before the bisection, so an accurate prediction costs about three
     trials near the limit instead of a doubling ladder that overshoots it by up to 2x.
     ``method`` is passed to ``measure_peak`` ("rss" makes long CPU searches several times faster).
+    ``reduce_peak``: the peak each decision uses, e.g. the largest over ranks (module docstring); with it, every
+    process that searches together makes the same trials in the same order.
     """
     if start <= 0 or granularity <= 0:
         raise ValueError(f"start and granularity must be positive, got {start}, {granularity}")
@@ -109,7 +138,7 @@ def search_max_seq_len(make_step: StepFactory, *, budget_bytes: int | None, devi
     result = SearchResult(0, budget_bytes, str(device))
 
     def attempt(seq_len: int) -> bool:
-        trial, breakdown = run_trial(make_step, seq_len, budget_bytes, device, warmup_steps, method)
+        trial, breakdown = run_trial(make_step, seq_len, budget_bytes, device, warmup_steps, method, reduce_peak)
         result.trials.append(trial)
         if progress:
             progress(trial)

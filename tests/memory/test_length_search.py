@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mst.memory.length_search import is_allocation_failure, run_trial, search_max_seq_len
+from mst.memory.length_search import FAILED_PEAK, is_allocation_failure, run_trial, search_max_seq_len
 from mst.memory.strategies import make_train_step, prepare
 from tests.utils import tiny_model
 
@@ -114,6 +114,43 @@ def test_other_errors_propagate(exc, where):
         run_trial(raising(exc, where), 64, None, torch.device("cpu"))
     with pytest.raises(type(exc)):
         search_max_seq_len(raising(exc, where, above=200), budget_bytes=None, start=64, method="rss")
+
+
+def test_reduce_peak_decides_the_fit():
+    """The reduced peak, not this process's, decides: a reducer reporting twice the peak (another rank using
+    twice as much) halves the length found, and every trial records the reduced peak."""
+    seen: list[int] = []
+
+    def doubled(peak: int) -> int:
+        seen.append(peak)
+        return 2 * peak
+
+    budget = 700 * 1024 + 512
+    alone = search_max_seq_len(synthetic(10 ** 6), budget_bytes=budget, start=64, granularity=16, method="tracker")
+    res = search_max_seq_len(synthetic(10 ** 6), budget_bytes=budget, start=64, granularity=16, method="tracker",
+                             reduce_peak=doubled)
+    assert (alone.max_seq_len, res.max_seq_len) == (688, 336)
+    assert [t.peak_bytes for t in res.trials] == [2 * p for p in seen]
+    assert all(t.fits == (t.peak_bytes <= budget) for t in res.trials)
+
+
+def test_reduce_peak_sees_an_oom_as_infinite_and_spreads_it():
+    """An OOM on this rank is reported to the reducer as FAILED_PEAK; a reducer answering FAILED_PEAK (another
+    rank ran out) fails a trial that fit here, with no peak and the reason."""
+    seen: list[int] = []
+
+    def record(peak: int) -> int:
+        seen.append(peak)
+        return peak
+
+    trial, _ = run_trial(raising(MemoryError()), 64, None, torch.device("cpu"), reduce_peak=record)
+    assert seen == [FAILED_PEAK] and not trial.fits and trial.error == "OOM: MemoryError"
+    trial, breakdown = run_trial(synthetic(10 ** 6), 64, None, torch.device("cpu"),
+                                 reduce_peak=lambda peak: FAILED_PEAK)
+    assert (trial.fits, trial.peak_bytes, trial.error, breakdown) == (False, None, "OOM on another rank", {})
+    other_rank_oom = search_max_seq_len(synthetic(10 ** 6), budget_bytes=None, start=64, granularity=32,
+                                        reduce_peak=lambda peak: FAILED_PEAK if peak > 700 * 1024 else peak)
+    assert other_rank_oom.max_seq_len == 672
 
 
 def test_bad_arguments():
