@@ -10,7 +10,7 @@
 # Environment (exported to the job by sbatch; all optional):
 #   MST_MODE        sweep (ranks MST_RANKS, then the table) | point (all tasks of the job)      [sweep]
 #   MST_DEVICE      auto | cuda | cpu (cuda -> NCCL, cpu -> gloo)                               [auto]
-#   MST_MODEL       model for search.py: an mst.configs name, or "scaled"   [llama3-8b on cuda, scaled on cpu]
+#   MST_MODEL       model of the search: an mst.configs name, or "scaled"   [llama3-8b on cuda, scaled on cpu]
 #   MST_RANKS       rank counts of the sweep (each <= the job's tasks)       [1 2 4 8 ... up to SLURM_NTASKS]
 #   MST_STRATEGIES  vanilla and/or mst                                                      [vanilla mst]
 #   MST_BUDGET_MIB  per-rank memory budget                             [32 on cpu, 95% of the GPU on cuda]
@@ -62,8 +62,7 @@ for R in $RANKS; do
 done
 "$PY" - "$MODEL" $RANKS <<'PY' || die "a world size in [$RANKS] cannot run $MODEL with Ulysses (message above)"
 import sys
-sys.path.insert(0, "experiments/table12")
-from search import build_config
+from experiments.table12.search import build_config
 from mst.distributed import validate_sp_config
 config = build_config(sys.argv[1])
 for ranks in sys.argv[2:]:
@@ -73,8 +72,9 @@ for ranks in sys.argv[2:]:
         sys.exit(f"ulysses_scale.sh: error: world size {ranks}: {err}")
 PY
 
-BUDGET=${MST_BUDGET_MIB:-$("$PY" -c 'import sys; sys.path.insert(0, "experiments/table12")
-from search import default_budget_mib; print(f"{default_budget_mib(sys.argv[1]):g}")' "$DEVICE" | tail -n1)}
+BUDGET=${MST_BUDGET_MIB:-$("$PY" -c 'import sys
+from experiments.table12.search import default_budget_mib; print(f"{default_budget_mib(sys.argv[1]):g}")' \
+  "$DEVICE" | tail -n1)}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 [ -n "$MASTER_ADDR" ] || die "could not resolve the first host of SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'"
 BASE_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
@@ -88,12 +88,12 @@ for R in $RANKS; do
   # each step gets its own port; rank 0 of a step runs on its first node, which is the job's first node
   MASTER_PORT=$((BASE_PORT + R)) srun --ntasks="$R" --kill-on-bad-exit=1 bash -c \
     'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$0" "$@"' \
-    "$PY" experiments/table12/search.py --device "$DEVICE" --model "$MODEL" --budget-mib "$BUDGET" \
+    "$PY" -m experiments.table12.search --device "$DEVICE" --model "$MODEL" --budget-mib "$BUDGET" \
     --out "$POINT" --strategies $STRATEGIES
   echo "point $R rank(s): $POINT"
 done
 if [ "$MODE" = sweep ]; then
-  "$PY" experiments/table12/run.py --reuse --device "$DEVICE" --model "$MODEL" --budget-mib "$BUDGET" \
-    --ranks $RANKS --strategies $STRATEGIES --out-dir "$OUT"
+  "$PY" -m experiments.table12.run --reuse --device "$DEVICE" --model "$MODEL" --budget-mib "$BUDGET" \
+    --ranks $RANKS --strategies $STRATEGIES --out-dir "$OUT" --figure "$OUT/table12_$DEVICE.png"
 fi
 echo "done: results in $OUT"

@@ -1,22 +1,16 @@
 """Figure and markdown tables of the LSS experiment from a results JSON (shared by run.py and the notebook)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+from ..results import load, save_figure  # noqa: F401  (load: re-exported for the notebooks)
 
 MiB = 1024 ** 2
 STYLE = {"single": ("black", "o", "one rank (no SP)"), "lss": ("tab:red", "s", "LSS"),
          "ulysses": ("tab:blue", "^", "Ulysses"), "allgather": ("tab:gray", "v", "all-gather baseline"),
          "megatron_sp": ("tab:green", "D", "NVIDIA SP + TP (model)")}
-
 
 
 def _curves(rows: list[dict]) -> dict[tuple[int, str], list[dict]]:

@@ -5,10 +5,11 @@
 
 Paper (Wang et al., arXiv 2311.02382, LSS Transformer): 5.6x faster and 10.2x more memory-efficient than NVIDIA's
 sequence parallelism on 144 V100s (enwik8); 50,112 tokens on 3,456 GPUs. No public code. For each rank count this
-launches ``step.py`` under torchrun (every backend in turn, MsT applied, the collectives of each step counted at
-the calls, peak memory and wall time measured), checks the counts against the communication model
-(``mst.distributed.predict_step``), and extrapolates the model to the paper's scales. Outputs:
-results/lss_<device>.{json,md,png}; the per-rank-count logs go to results/points/ (``--reuse`` keeps them).
+launches ``python -m experiments.lss.step`` under torchrun (every backend in turn, MsT applied, the collectives of
+each step counted at the calls, peak memory and wall time measured), checks the counts against the communication
+model (``mst.distributed.predict_step``), and extrapolates the model to the paper's scales. Outputs:
+results/lss_<device>.{json,md} and the figure paper_figures/lss_vs_ulysses[_cuda].png (``--figure`` draws it
+elsewhere); the per-rank-count logs go to results/points/ (``--reuse`` keeps them).
 """
 from __future__ import annotations
 
@@ -18,20 +19,15 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-import transformers
+from mst.distributed import predict_step
+
+from ..cli import positive_int, require_device
+from ..results import ROOT, environment, figure_path, write_results
+from .plot import figure, markdown
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-from plot import figure, markdown  # noqa: E402
-from common import positive_int, write_results  # noqa: E402  (experiments/)
-
-from mst.distributed import predict_step  # noqa: E402
-
 MiB = 1024 ** 2
 MODEL_TOLERANCE = 0.05  # issue 9: measured communication within 5% of the model
 PAPER = {"speedup_vs_nvidia_sp_144_gpus": 5.6, "memory_reduction_vs_nvidia_sp_144_gpus": 10.2,
@@ -50,10 +46,11 @@ def point_path(args, kv_heads: int, ranks: int) -> Path:
 
 
 def run_point(args, kv_heads: int, ranks: int) -> dict:
+    """One rank count: ``experiments.lss.step`` under torchrun, from the repository root (or reuse its JSON)."""
     path = point_path(args, kv_heads, ranks)
     if not (args.reuse and path.exists()):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-               str(HERE / "step.py"), "--device", args.device, "--seq-len", str(args.seq_len), "--steps",
+               "-m", "experiments.lss.step", "--device", args.device, "--seq-len", str(args.seq_len), "--steps",
                str(args.steps), "--layers", str(args.layers), "--hidden", str(args.hidden), "--heads",
                str(args.heads), "--kv-heads", str(kv_heads), "--out", str(path)]
         print(f"[lss] {kv_heads} kv heads, {ranks} rank(s): {' '.join(cmd[1:])}", flush=True)
@@ -142,17 +139,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="one run per value: 8 = multi-head (the paper's GPT), 2 = GQA (Llama-3's 4:1)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse point JSONs already in out-dir/points")
+    parser.add_argument("--figure", default=None,
+                        help="PNG to draw (default paper_figures/lss_vs_ulysses[_cuda].png)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
+    require_device(args.device)
 
     points = {(kv, n): run_point(args, kv, n) for kv in args.kv_heads for n in sorted(set(args.ranks))}
     rows = measured_rows(points)
     first = next(iter(points.values()))
     worst = max((r["rel_error"] for r in rows if r["predicted_wire_bytes"]), default=0.0)
+    head = environment(args.device)
+    versions = (first.get("environment") or head)["versions"]  # the points' (older points: this process's)
     results = {
-        "experiment": "lss", "paper": PAPER, "date": time.strftime("%Y-%m-%d"),
-        "measured": {"device": first["device"], "torch": torch.__version__, "transformers": transformers.__version__,
+        "environment": head, "experiment": "lss", "paper": PAPER,
+        "measured": {"device": first["device"], "torch": versions["torch"], "transformers": versions["transformers"],
                      "seq_len": args.seq_len, "steps": args.steps,
                      "config": {k: v for k, v in first["config"].items() if k != "num_key_value_heads"},
                      "corpus": first["corpus"], "strategy": first["strategy"], "rows": rows},
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out_dir) / f"lss_{args.device}"
     write_results(out, results, markdown(results))  # each file replaced atomically
-    figure(results, out.with_suffix(".png"))
+    png = figure(results, args.figure or figure_path("lss_vs_ulysses", args.device))
     print(markdown(results))
     print(f"[lss] communication model max error {worst:.2%} (target <= {MODEL_TOLERANCE:.0%}); "
-          f"wrote {out}.json/.md/.png", flush=True)
+          f"wrote {out}.json/.md and {png}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,4 +9,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/bootstrap.sh
 bash scripts/get_corpora.sh   # the KJV text the character-level model trains on (idempotent)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec python experiments/lss/run.py "$@"
+exec python -m experiments.lss.run "$@"

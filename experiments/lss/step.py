@@ -1,41 +1,40 @@
 """One rank count of the LSS experiment: per backend, training steps with every collective counted.
 
-    torchrun --standalone --nproc_per_node 2 experiments/lss/step.py --out /tmp/lss_x2.json     # CPU, gloo
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m experiments.lss.step --out /tmp/lss_x2.json
 
 Every rank builds the same seeded character-level model (bytes, vocab 256, like enwik8's characters), applies
 MsT (``mst.apply``: mini-sequence MLP and LM-head on the local segment, per-layer checkpointing) and runs the world
-as one sequence-parallel group with each backend in turn ("lss", "ulysses", "allgather"). Data: consecutive
-windows of the King James Bible's UTF-8 bytes (enwik8 is not available offline). Per backend:
+as one sequence-parallel group with each backend in turn ("lss", "ulysses", "allgather"), training with
+``experiments.sequence_parallel.SPStep`` (the step Table 12 measures). Data: consecutive windows of the King James
+Bible's UTF-8 bytes (enwik8 is not available offline). Per backend:
 1. one warm-up step (allocates AdamW's state);
 2. ``--steps`` timed training steps (``shard_batch``, ``sp_loss``, backward, ``reduce_gradients``, AdamW), each
-   inside ``mst.distributed.count_collectives`` (calls, payload and wire bytes per op on this rank) and between
-   barriers (wall seconds, the slowest rank's);
+   inside ``mst.distributed.count_collectives`` (calls, payload and wire bytes per op on this rank), timed from a
+   barrier (wall seconds, the slowest rank's);
 3. one more step under ``mst.memory.measure.measure_peak`` (the largest per-rank peak).
 The communication model (``mst.distributed.predict_step``) for the same shapes is stored beside the counts.
-Rank 0 writes the JSON. One rank runs the plain model (no SP: nothing is communicated) once, as "single".
+Rank 0 writes the JSON (with the environment header of every results file). One rank runs the plain model (no
+SP: nothing is communicated) once, as "single".
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 
 import mst
 import mst.distributed as md
-from mst.data import documents
 from mst.distributed.comm_stats import grad_buckets
 from mst.memory.measure import measure_peak
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import atomic_output, positive_int  # noqa: E402
+from ..cli import positive_int
+from ..data import documents
+from ..models import build_model
+from ..results import environment, write_json
+from ..sequence_parallel import SPStep
 
 BACKENDS = ("lss", "ulysses", "allgather")
 
@@ -53,59 +52,9 @@ def corpus_bytes() -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
-def build_model(config: LlamaConfig, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(0)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    return mst.apply(model.train())
-
-
-class Trainer:
-    """One backend's training steps on this rank; every rank makes the same calls in the same order."""
-
-    def __init__(self, model, sp, data: torch.Tensor, seq_len: int, device: torch.device) -> None:
-        self.model, self.sp, self.data, self.seq_len, self.device = model, sp, data, seq_len, device
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-
-    def step(self, index: int) -> float:
-        start = index * self.seq_len
-        ids = self.data[start:start + self.seq_len][None]
-        shard = md.shard_batch({"input_ids": ids, "labels": ids}, self.sp.rank, self.sp.size)
-        loss = md.sp_loss(self.model, {k: v.to(self.device) for k, v in shard.items()}, self.sp)
-        loss.backward()
-        md.reduce_gradients(self.model, self.sp)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def timed_step(self, index: int) -> tuple[float, float, md.CommStats]:
-        sync(self.device)
-        t0 = time.perf_counter()
-        with md.count_collectives() as comm:
-            loss = self.step(index)
-        sync(self.device)
-        return loss, time.perf_counter() - t0, comm
-
-    def peak_bytes(self, index: int) -> int:
-        report = measure_peak(lambda: self.step(index), track=[self.model, self.opt], device=self.device)
-        return all_max(report.allocator_peak_bytes or report.peak_bytes)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_max(value: float) -> float:
-    """Largest value over all ranks (the slowest rank's time, the largest rank's peak)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+def window(data: torch.Tensor, index: int, seq_len: int) -> torch.Tensor:
+    """The ``index``-th consecutive ``seq_len``-byte window of the corpus as a (1, seq_len) batch."""
+    return data[index * seq_len:(index + 1) * seq_len][None]
 
 
 def predicted(model, sp, seq_len: int, recompute: bool) -> dict:
@@ -119,16 +68,20 @@ def predicted(model, sp, seq_len: int, recompute: bool) -> dict:
 
 
 def run_backend(backend: str, args, config, data, env) -> dict:
-    model = build_model(config, env.device)
+    """Warm-up, ``--steps`` counted and timed steps, one measured step; SP set up and torn down around them."""
+    model = mst.apply(build_model(config, device=env.device, dtype=torch.float32 if env.device.type == "cpu"
+                                  else torch.bfloat16, attn_implementation="sdpa").train())
     sp = md.setup_sequence_parallel(model, env.world_size, backend=backend)
-    trainer = Trainer(model, sp, data, args.seq_len, env.device)
-    trainer.step(0)  # warm-up: AdamW state, allocator
+    trainer = SPStep(model, sp, env.device, lr=1e-3)
+    trainer.step(window(data, 0, args.seq_len))  # warm-up: AdamW state, allocator
     steps = []
     for i in tqdm(range(1, args.steps + 1), desc=f"{backend} x{env.world_size}", disable=env.rank != 0):
-        loss, seconds, comm = trainer.timed_step(i)
-        steps.append({"loss": loss, "seconds": all_max(seconds), "calls": comm.total_calls,
+        loss, seconds, comm = trainer.timed_step(window(data, i, args.seq_len), count=True)
+        steps.append({"loss": loss, "seconds": trainer.all_max(seconds), "calls": comm.total_calls,
                       "wire_bytes": comm.total_wire_bytes, "ops": comm.summary()})
-    peak = trainer.peak_bytes(args.steps + 1)
+    ids = window(data, args.steps + 1, args.seq_len)
+    report = measure_peak(lambda: trainer.step(ids), track=trainer.track, device=env.device)
+    peak = trainer.all_max(report.allocator_peak_bytes or report.peak_bytes)
     row = {"backend": backend if env.world_size > 1 else "single", "ranks": env.world_size, "steps": steps,
            "peak_bytes": peak, "predicted": predicted(model, sp, args.seq_len, recompute=True)}
     md.teardown_sequence_parallel(model)
@@ -154,14 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     backends = args.backends if env.world_size > 1 else args.backends[:1]  # one rank: no SP, all the same
     rows = [run_backend(b, args, config, data, env) for b in backends]
     if env.rank == 0:
-        point = {"ranks": env.world_size, "device": env.device.type, "backend": env.backend,
-                 "torch": torch.__version__, "host": platform.node(), "seq_len": args.seq_len,
+        point = {"environment": environment(env.device), "ranks": env.world_size, "device": env.device.type,
+                 "backend": env.dist_backend, "seq_len": args.seq_len,
                  "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                               "num_attention_heads", "num_key_value_heads",
                                                               "head_dim", "vocab_size")},
                  "corpus": "KJV Bible, UTF-8 bytes", "strategy": "mst", "rows": rows}
-        with atomic_output(args.out) as tmp:  # replaced whole: a killed run leaves no half JSON for --reuse
-            tmp.write_text(json.dumps(point, indent=1))
+        write_json(args.out, point)  # replaced whole: a killed run leaves no half JSON for --reuse
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,20 +1,15 @@
-"""Figure and markdown table of Table 12 from a results JSON (shared by run.py and the figures notebook)."""
+"""Figure and markdown table of Table 12 from a results JSON (shared by run.py and the figures notebook: both
+only read results and draw)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+from ..results import load, save_figure  # noqa: F401  (load: re-exported for the notebooks)
 
 PLANNER_TICKS = (1, 2, 4, 8)
 STYLE = {"vanilla": ("tab:gray", "o", "vanilla Ulysses"), "mst": ("tab:blue", "s", "MsT + Ulysses")}
-
 
 
 def figure(results: dict, out: str | Path) -> Path:
@@ -66,10 +61,10 @@ def markdown(results: dict) -> str:
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in sorted(measured["rows"], key=lambda r: (r["strategy"] != "vanilla", r["ranks"])):
         eff = f"{r['efficiency']:.3f}" if r["efficiency"] is not None else "-"
-        plan = r.get("planner")
+        plan, seconds = r.get("planner"), r["step_seconds_at_max"]
+        seconds = f"{seconds:.2f}" if seconds is not None and seconds == seconds else "-"  # none fits: None (NaN)
         lines.append(f"| {STYLE[r['strategy']][2]} | {r['ranks']} | not reported | "
-                     f"{plan if plan is not None else 'n/a'} | {r['max_seq_len']} | {eff} | "
-                     f"{r['step_seconds_at_max']:.2f} |")
+                     f"{plan if plan is not None else 'n/a'} | {r['max_seq_len']} | {eff} | {seconds} |")
     planner = results.get("planner")
     if planner:
         gpus = sorted({int(g) for m in planner["models"].values() for s in m.values() for g in s})

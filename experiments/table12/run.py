@@ -6,12 +6,14 @@
 
 Paper: Table 12's numbers are not reported (paper.md: "All numbers are NOT FOUND"); the text claims the sequence
 length scales linearly with the number of GPUs. This script measures that claim: for each rank count it launches
-``search.py`` under torchrun (one SP group over all ranks; each point is a real search, every probe one training
-step measured per rank with ``measure_peak``), computes the scaling efficiency S_max(N) / (N * S_max(1)), and
-puts the planner's prediction (``mst.memory.max_seq_len(..., gpus=N)``) beside it: for the same scaled model and
-budget, and for Llama3-8B / Llama2-7B on 1-8 x 80 GB. Outputs: results/table12_<device>.{json,md,png}; the
-per-rank-count search logs go to results/points/. With --reuse, points already there are not recomputed (the
-SLURM script writes them with srun, then calls this with --reuse to assemble the table).
+``python -m experiments.table12.search`` under torchrun (one SP group over all ranks; each point is a real search,
+every trial one training step measured per rank with ``measure_peak``), computes the scaling efficiency
+S_max(N) / (N * S_max(1)), and puts the planner's prediction (``mst.memory.max_seq_len(..., gpus=N)``) beside it:
+for the same scaled model and budget (the prediction that seeds each search), and for Llama3-8B / Llama2-7B on
+1-8 x 80 GB. Outputs: results/table12_<device>.{json,md} and the figure
+paper_figures/table12_ulysses_scaling[_cuda].png (``--figure`` draws it elsewhere); the per-rank-count search logs
+go to results/points/. With --reuse, points already there are not recomputed (the SLURM script writes them with
+srun, then calls this with --reuse to assemble the table).
 """
 from __future__ import annotations
 
@@ -20,17 +22,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
+from ..cli import positive_float, positive_int, require_device
+from ..results import ROOT, environment, figure_path, write_results
+from .plot import figure, markdown
+from .search import build_config, default_budget_mib, planner_limit
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-from plot import figure, markdown  # noqa: E402
-from common import positive_float, positive_int, write_results  # noqa: E402  (experiments/)
-
 MiB = 1024 ** 2
 TARGET_EFFICIENCY = 0.9  # issue 8: MsT + Ulysses max length >= 0.9 x ranks x single-rank max length
 PLANNER_MODELS, PLANNER_GPUS, PLANNER_GB = ("llama3-8b", "llama2-7b"), (1, 2, 4, 8), 80.0
@@ -41,11 +40,12 @@ def point_path(args, ranks: int) -> Path:
 
 
 def run_point(args, ranks: int) -> dict:
-    """One rank count: search.py under torchrun (or reuse its JSON)."""
+    """One rank count: ``experiments.table12.search`` under torchrun, from the repository root (or reuse its
+    JSON)."""
     path = point_path(args, ranks)
     if not (args.reuse and path.exists()):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-               str(HERE / "search.py"), "--device", args.device, "--model", args.model, "--budget-mib",
+               "-m", "experiments.table12.search", "--device", args.device, "--model", args.model, "--budget-mib",
                str(args.budget_mib), "--grain", str(args.grain), "--out", str(path), "--strategies", *args.strategies]
         print(f"[table12] {ranks} rank(s): {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
@@ -54,21 +54,11 @@ def run_point(args, ranks: int) -> dict:
 
 
 def planner_rows(args, config, ranks: list[int]) -> dict:
-    """Planner's max length for the measured (scaled) model at the same per-rank budget, by strategy and ranks."""
-    from mst.memory import max_seq_len
-
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    out: dict[str, dict[int, int | None]] = {}
-    for strategy in args.strategies:
-        for n in ranks:
-            try:
-                out.setdefault(strategy, {})[n] = max_seq_len(
-                    config, strategy, gpus=n, gpu_mem_gb=args.budget_mib / 1024, reserve_gb=0.0,
-                    optimizer="adamw", dtype=dtype, granularity=args.grain, device=args.device)
-            except ValueError as err:  # heads not divisible by n, or the static part alone over budget
-                print(f"[table12] planner: {strategy} x{n}: {err}", flush=True)
-                out.setdefault(strategy, {})[n] = None
-    return out
+    """Planner's max length for the measured (scaled) model at the same per-rank budget, by strategy and ranks
+    (the same prediction that seeds each point's search)."""
+    return {strategy: {n: planner_limit(config, strategy, ranks=n, budget_mib=args.budget_mib, grain=args.grain,
+                                        device=args.device) for n in ranks}
+            for strategy in args.strategies}
 
 
 def full_size_planner(args) -> dict:
@@ -91,8 +81,7 @@ def full_size_planner(args) -> dict:
 
 
 def assemble(args, points: dict[int, dict]) -> dict:
-    from search import build_config
-
+    """The table from the points: rows with efficiency and the planner's column, the full-size planner rows."""
     config = build_config(args.model)
     try:
         planned = planner_rows(args, config, sorted(points))
@@ -113,14 +102,16 @@ def assemble(args, points: dict[int, dict]) -> dict:
     label = (f"{'Llama-3-8B scaled' if args.model == 'scaled' else args.model} (d={config.hidden_size}, "
              f"L={config.num_hidden_layers}, V={config.vocab_size}, I={config.intermediate_size}, "
              f"{config.num_attention_heads} heads / {config.num_key_value_heads} kv)")
-    measured = {"device": first["device"], "backend": first["backend"], "accelerator": first["accelerator"],
+    where = first.get("environment")  # points written before the environment header: "accelerator", "torch"
+    measured = {"device": first["device"], "backend": first["backend"],
+                "accelerator": where["device"] if where else first["accelerator"],
                 "model": args.model, "model_label": label, "budget_mib": args.budget_mib, "grain": args.grain,
-                "torch": first["torch"], "rows": rows,
+                "torch": where["versions"]["torch"] if where else first["torch"], "rows": rows,
                 "mst_min_efficiency": min(mst_eff) if mst_eff else None,
                 "target_efficiency": TARGET_EFFICIENCY,
                 "target_met": bool(mst_eff) and min(mst_eff) >= TARGET_EFFICIENCY}
-    results = {"table": 12, "paper": "not reported (claims linear scaling with GPUs)", "measured": measured,
-               "date": time.strftime("%Y-%m-%d")}
+    results = {"environment": environment(args.device), "table": 12,
+               "paper": "not reported (claims linear scaling with GPUs)", "measured": measured}
     try:
         results["planner"] = full_size_planner(args)
     except ImportError as err:
@@ -139,12 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grain", type=positive_int, default=8, help="search grid, tokens per rank")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse point JSONs already in out-dir/points")
+    parser.add_argument("--figure", default=None,
+                        help="PNG to draw (default paper_figures/table12_ulysses_scaling[_cuda].png)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
+    require_device(args.device)
     if args.budget_mib is None:
-        from search import default_budget_mib
-
         args.budget_mib = default_budget_mib(args.device)
     if 1 not in args.ranks:
         sys.exit("error: --ranks must include 1 (the efficiency is relative to one rank)")
@@ -153,11 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     results = assemble(args, points)
     out = Path(args.out_dir) / f"table12_{args.device}"
     write_results(out, results, markdown(results))  # each file replaced atomically
-    figure(results, out.with_suffix(".png"))
+    png = figure(results, args.figure or figure_path("table12_ulysses_scaling", args.device))
     print(markdown(results))
     m = results["measured"]
     print(f"[table12] MsT+Ulysses min efficiency {m['mst_min_efficiency']} (target >= {TARGET_EFFICIENCY}: "
-          f"{'met' if m['target_met'] else 'NOT met'}); wrote {out}.json/.md/.png", flush=True)
+          f"{'met' if m['target_met'] else 'NOT met'}); wrote {out}.json/.md and {png}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,4 +8,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 . "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
-exec python experiments/table12/run.py "$@"
+exec python -m experiments.table12.run "$@"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.experiments._scripts import argparse_exit, load_script
+from experiments.lss import run, step
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "lss" / "results"
@@ -19,31 +19,41 @@ COMMON_FLAGS = [(["--seq-len", "0"], "--seq-len"), (["--steps", "0"], "--steps")
                 (["--hidden", "nan"], "--hidden"), (["--heads", "0"], "--heads")]
 
 
+def argparse_exit(main, argv: list[str], capsys) -> str:
+    """Call ``main(argv)``, expect argparse's exit 2, return its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2, exc.value.code
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, flag", [*COMMON_FLAGS, (["--ranks", "1", "0"], "--ranks"),
                                         (["--kv-heads", "8", "0"], "--kv-heads")])
 def test_run_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     """Argparse error naming the flag, exit 2, before any torchrun is launched or anything written."""
-    run = load_script("experiments/lss/run.py")
     assert flag in argparse_exit(run.main, [*argv, "--out-dir", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, flag", [*COMMON_FLAGS, (["--kv-heads", "0"], "--kv-heads")])
 def test_step_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
-    step = load_script("experiments/lss/step.py")
     out = tmp_path / "point.json"
     assert flag in argparse_exit(step.main, [*argv, "--out", str(out)], capsys)
     assert not out.exists()
 
 
 def test_run_reuse_writes_results_from_points(tmp_path):
-    """--reuse reads results/points/: JSON, markdown and PNG written, the measured rows and the model check those
-    of the committed results, no temporary file left."""
+    """--reuse reads results/points/: JSON, markdown and the figure written (the figure where --figure says, not
+    paper_figures/), the measured rows and the model check those of the committed results, no temporary file
+    left."""
     shutil.copytree(RESULTS / "points", tmp_path / "points")
-    subprocess.run([sys.executable, str(ROOT / "experiments/lss/run.py"), "--reuse", "--out-dir", str(tmp_path)],
+    figure = tmp_path / "figure.png"
+    subprocess.run([sys.executable, "-m", "experiments.lss.run", "--reuse", "--out-dir", str(tmp_path),
+                    "--figure", str(figure)],
                    check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lss_cpu.json", "lss_cpu.md", "lss_cpu.png", "points"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "lss_cpu.json", "lss_cpu.md", "points"]
     new, committed = (json.loads(p.read_text()) for p in (tmp_path / "lss_cpu.json", RESULTS / "lss_cpu.json"))
+    assert new["environment"]["device_type"] == "cpu"
     for key in ("rows", "seq_len", "steps", "config", "corpus", "strategy", "device"):
         assert new["measured"][key] == committed["measured"][key], key
     assert new["model_check"] == committed["model_check"]
