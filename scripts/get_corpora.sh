@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the offline text corpora and the real GPT-2 BPE file that `mst.data` uses, then pre-tokenize them.
+# Install the offline text corpora and the real GPT-2 BPE file that `experiments.data` uses, then pre-tokenize them.
 # Idempotent: every step is skipped when its result is already there. Needs network only on first use.
 #
 #   bash scripts/get_corpora.sh            # everything (apt packages, gpt2.tiktoken, token caches)
@@ -10,7 +10,7 @@
 #    Installed with apt-get (as root, or through sudo) when `dpkg -s` says they are missing.
 # 2. GPT-2 BPE ranks: `whisper/assets/gpt2.tiktoken` from the openai-whisper sdist on PyPI (MIT licence), fetched with
 #    `pip download --no-deps` and extracted alone into $MST_CACHE/tokenizers/ (nothing gets installed); sha256-checked.
-# 3. `python -m mst.data prepare`: tokenizes both corpora into $MST_CACHE/corpora/*.npy (train and held-out splits).
+# 3. `python -m experiments.data prepare`: tokenizes both corpora into $MST_CACHE/corpora/*.npy (train and held-out splits).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${MST_CACHE:-$ROOT/.cache}"
@@ -53,4 +53,4 @@ else
   echo "[get_corpora] tokenizer present: $TIKTOKEN" >&2
 fi
 
-MST_CACHE="$CACHE" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m mst.data prepare
+MST_CACHE="$CACHE" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m experiments.data prepare

@@ -14,14 +14,13 @@ same memory as everything else, so they are added to the device peak before comp
 Part 2 (``limits``): ``mst.memory.max_seq_len`` for the full Llama3-8B and Llama2-7B configs on 80 GiB (bf16, both
 optimizers, both engines), beside the paper's Table 2 values, and the planner's breakdown at our aims (MsT without
 offload >= 110K tokens; MsT + checkpoint offload + optimizer-in-backward >= 600K tokens) naming the blocking term.
-Writes results/compare.json, results/limits.json, results/summary.md, results/errors.png, results/limits.png.
+Writes results/compare.json, results/limits.json, results/summary.md and paper_figures/planner_errors.png,
+paper_figures/planner_limits.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -34,8 +33,9 @@ from mst.memory.planner import DEFAULT_RESERVE_GB, ModelSpec, Workload
 from mst.memory.planner.analytic import _Sizes
 from mst.memory.strategies import STRATEGIES, make_train_step, prepare
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import atomic_output, positive_float, positive_int  # noqa: E402
+from ..cli import add_figures_arg, positive_float, positive_int, require_device
+from ..models import build_model
+from ..results import environment, figure_path, save_figure, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("analytic", "traced")
@@ -53,11 +53,7 @@ OFFICIAL = {"mlp_mode": "naive", "lm_head_chunks": 64}
 
 def measure(config, seq_len: int, strategy: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Peak of one real training step (after a warm-up step), as ``measure_peak`` reports it."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = prepare(AutoModelForCausalLM.from_config(config, dtype=dtype), strategy)
+    model = prepare(build_model(config, device=device, dtype=dtype), strategy)
     train_step, track = make_train_step(model)
     step = lambda: train_step(seq_len)  # noqa: E731
     step()
@@ -170,10 +166,7 @@ def summary(rows: list[dict], lim: dict | None, gpu_mem_gb: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(rows: list[dict], lim: dict | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plots(rows: list[dict], lim: dict | None, device: str, figures: str | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -184,8 +177,7 @@ def plots(rows: list[dict], lim: dict | None) -> None:
     ax.set(xscale="log", xlabel="measured peak (MiB)", ylabel="planned - measured (%)",
            title="Planner error vs measured step peak")
     ax.legend()
-    fig.tight_layout()
-    _save(fig, RESULTS / "errors.png")
+    save_figure(fig, figure_path("planner_errors", device, figures))
     if lim:
         fig, ax = plt.subplots(figsize=(8, 4))
         labels, width = [f"{m}\n{s}" for m in ("llama3-8b", "llama2-7b") for s in STRATEGIES], 0.2
@@ -197,25 +189,7 @@ def plots(rows: list[dict], lim: dict | None) -> None:
                title="Planner: longest trainable sequence on one 80 GiB GPU (bf16, 1.5 GiB reserve)")
         ax.set_xticklabels(labels, fontsize=7)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        _save(fig, RESULTS / "limits.png")
-
-
-def _save(fig, path: Path) -> None:
-    """``fig`` as ``path`` at 120 dpi, replaced atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
-
-
-def _write(path: Path, text: str) -> None:
-    """``text`` as ``path``, replaced atomically (a killed run leaves the previous file whole)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
+        save_figure(fig, figure_path("planner_limits", device, figures))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,29 +200,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-mem-gb", type=positive_float, default=80.0)
     parser.add_argument("--quick", action="store_true", help="small grid, no part 2")
     parser.add_argument("--replot", action="store_true", help="rewrite summary.md and the PNGs from the JSON results")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    add_figures_arg(parser)
     args = parser.parse_args(argv)
+    out = Path(args.out)
     if args.replot:
-        rows = json.loads((RESULTS / "compare.json").read_text())["rows"]
-        lim = json.loads((RESULTS / "limits.json").read_text())
-        _write(RESULTS / "summary.md", summary(rows, lim, lim["gpu_mem_gb"]))
-        plots(rows, lim)
+        compared, lim = json.loads((out / "compare.json").read_text()), json.loads((out / "limits.json").read_text())
+        write_text(out / "summary.md", summary(compared["rows"], lim, lim["gpu_mem_gb"]))
+        plots(compared["rows"], lim, compared["device_type"], args.figures)
         return
+    require_device(args.device)
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    env = environment(device)
     rows = compare(args, device, dtype)
     lim = None if args.quick else limits(args)
     suffix = "_quick" if args.quick else ("" if device.type == "cpu" else f"_{device.type}")
-    _write(RESULTS / f"compare{suffix}.json", json.dumps({"env": env, "rows": rows}, indent=1))
+    write_json(out / f"compare{suffix}.json", {**env, "rows": rows})
     if lim is not None:
-        _write(RESULTS / "limits.json", json.dumps({"env": env, "gpu_mem_gb": args.gpu_mem_gb, **lim}, indent=1))
+        write_json(out / "limits.json", {**env, "gpu_mem_gb": args.gpu_mem_gb, **lim})
     text = summary(rows, lim, args.gpu_mem_gb)
-    _write(RESULTS / f"summary{suffix}.md", text)
+    write_text(out / f"summary{suffix}.md", text)
     if not args.quick:
-        plots(rows, lim)
+        plots(rows, lim, args.device, args.figures)
     print(text)
 
 

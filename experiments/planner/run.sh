@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
-python experiments/planner/compare.py "$@"
+python -m experiments.planner.compare "$@"

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from tqdm import tqdm
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -48,15 +45,16 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from mst.configs import load_config, scaled_config
 from mst.memory import max_seq_len, plan
 from mst.memory.length_search import is_allocation_failure
+from mst.memory.live_bytes import LiveBytes
 from mst.memory.measure import free_memory, measure_peak
-from mst.memory.planner.traced import LiveBytes
 from mst.ops import chunked_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-from plot import chunk_figure, figure, markdown  # noqa: E402
-from common import nonnegative_int, positive_float, positive_int, write_results  # noqa: E402  (experiments/)
+from ..cli import add_figures_arg, nonnegative_int, positive_float, positive_int, require_device
+from ..results import environment, figure_path, write_results
+from ..timing import seconds
+from .plot import chunk_figure, figure, markdown
 
+HERE = Path(__file__).resolve().parent
 MODEL = "llama3-8b"
 SEQ_LENS = (1024, 2048, 4096, 8192, 20000, 40000, 80000)
 CHUNKS = (2, 4, 8, 16, 32)
@@ -155,23 +153,11 @@ def traced_peak(op: str, config, seq: int, setting: dict, dtype: torch.dtype = t
             "intermediate_bytes": mark.peak - grads}
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_case(case: Case, reps: int, warmup: int, device: str) -> list[float]:
     """Seconds of forward + backward, ``reps`` times after ``warmup`` untimed runs."""
     for _ in range(warmup):
         case.step()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        case.step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [seconds(case.step, device) for _ in range(reps)]
 
 
 def measure_case(op: str, config, seq: int, setting: dict, args, *, memory: bool = True) -> dict:
@@ -363,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-mem-gb", type=positive_float, default=80.0)
     parser.add_argument("--granularity", type=positive_int, default=1024)
     parser.add_argument("--out-dir", default=str(HERE / "results"))
+    add_figures_arg(parser)
     args = parser.parse_args(argv)
     if args.scale is None:
         args.scale = 32 if args.device == "cpu" else 1
@@ -375,8 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Everything, as the results JSON (also written to ``args.out_dir``)."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
+    require_device(args.device)
     torch.manual_seed(0)
     full = load_config(MODEL)
     scaled = scaled_config(MODEL, full.hidden_size // args.scale) if args.scale > 1 else full
@@ -390,12 +376,9 @@ def run(args: argparse.Namespace) -> dict:
         table["anchors"] = anchors(args, full, bar) if args.anchor_reps else []
         table["chunk_default"] = chunk_default(args, full, bar)
         table["lm_head_target"] = lm_head_target(table, full, scaled, args, bar)
-    accelerator = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     results = {
-        "tables": "13-16", "paper": PAPER, **table,
-        "meta": {"device": args.device, "accelerator": accelerator, "torch": torch.__version__,
-                 "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
-                 "seconds": round(time.time() - start, 1), "model": MODEL,
+        **environment(args.device), "tables": "13-16", "paper": PAPER, **table,
+        "meta": {"device": args.device, "seconds": round(time.time() - start, 1), "model": MODEL,
                  "full_shapes": {"d": full.hidden_size, "I": full.intermediate_size, "V": full.vocab_size},
                  "scale": args.scale,
                  "measured_shapes": {"d": scaled.hidden_size, "I": scaled.intermediate_size, "V": scaled.vocab_size},
@@ -405,8 +388,8 @@ def run(args: argparse.Namespace) -> dict:
                  "threads": torch.get_num_threads(), "batch_size": 1}}
     out = Path(args.out_dir) / f"table13_16_{args.device}"
     write_results(out, results, markdown(results))  # each file replaced atomically
-    figure(results, out.with_suffix(".png"))
-    chunk_figure(results, out.parent / f"chunk_default_{args.device}.png")
+    figure(results, figure_path("table13_16_ablation", args.device, args.figures))
+    chunk_figure(results, figure_path("table13_16_chunk_default", args.device, args.figures))
     return results
 
 

@@ -6,16 +6,11 @@ decimal GB; see README). Times are seconds of forward + backward of the op.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+from ..results import load, save_figure  # noqa: F401  (load: re-exported for the notebooks)
 
 GB = 1e9
 PAPER_TIME_ANCHOR = {"lm_head": ("32", 0.11 / 0.01), "mlp": ("naive 8", 0.12 / 0.05)}  # S=1024, A100
@@ -153,8 +148,8 @@ def markdown(results: dict) -> str:
     """Every table of the README: memory (planner full size; measured x k^2), time, anchors, chunk default."""
     meta = results["meta"]
     k = meta["scale"]
-    where = (f"{meta['device']} ({meta['accelerator']}, {meta['threads']} thread(s)), torch {meta['torch']}, "
-             f"transformers {meta['transformers']}")
+    where = (f"{results['device']}, torch {results['versions']['torch']}, "
+             f"transformers {results['versions']['transformers']}")
     lines = [f"Measured on {where}; op shapes d={meta['measured_shapes']['d']}, I={meta['measured_shapes']['I']}, "
              f"V={meta['measured_shapes']['V']} and S/k (k={k}); memory measured in {meta['mem_dtype']}, "
              f"time in {meta['time_dtype']} (median of {meta['reps']} after {meta['warmup']} warm-up). "

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/bootstrap.sh
 export MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"  # exact CPU RSS peaks; see mst/memory/measure.py
-python experiments/max_length.py --table table2 --models llama3-8b llama2-7b "$@"
+python -m experiments.max_length --table table2 --models llama3-8b llama2-7b "$@"

@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/bootstrap.sh
 export MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-python experiments/max_length.py --table table3 --models mistral-7b qwen2-7b gemma2-9b "$@"
+python -m experiments.max_length --table table3 --models mistral-7b qwen2-7b gemma2-9b "$@"

@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/bootstrap.sh
 export MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-python experiments/max_length.py --table table4 --models llama3-8b llama2-7b --optimizer adamw --grad-accumulation 2 "$@"
+python -m experiments.max_length --table table4 --models llama3-8b llama2-7b --optimizer adamw --accumulation-steps 2 "$@"

@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/bootstrap.sh
 export MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-python experiments/max_length.py --table table5 --models llama3-8b \
+python -m experiments.max_length --table table5 --models llama3-8b \
   --strategies ac ac+int8 ac+nf4 mst mst+int8 mst+nf4 "$@"

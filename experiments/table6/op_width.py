@@ -13,15 +13,13 @@ with d, Llama3-8B ratios), forward + backward, fp32 on CPU (bf16 on CUDA):
 * LM head + loss: HF's (logits, ``ForCausalLMLoss``) against ``chunked_lm_head_loss`` with its default chunks.
 
 Round-robin, median of ``--reps`` after a warm-up. If the ratios approach 1 as d grows, what the scaled-model step
-loses is per-chunk overhead and small-GEMM efficiency, not work. Outputs: results/op_width_<device>.{json,md,png}.
+loses is per-chunk overhead and small-GEMM efficiency, not work. Outputs: results/op_width_<device>.{json,md} and
+paper_figures/table6_op_width[_cuda].png.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,14 +28,14 @@ from tqdm import tqdm
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from mst.configs import load_config, scaled_config
+from mst.ops import chunked_lm_head_loss, default_mlp_chunk_tokens, lm_head_chunk_tokens, mini_sequence_mlp
+
+from ..cli import add_figures_arg, positive_int, resolve_device
+from ..results import environment, figure_path, save_figure, write_results
+from ..timing import round_robin, seconds
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
-from common import positive_int, resolve_device, save_figure, write_results  # noqa: E402
-
-from mst.configs import load_config, scaled_config  # noqa: E402
-from mst.ops import (chunked_lm_head_loss, default_mlp_chunk_tokens, lm_head_chunk_tokens,  # noqa: E402
-                     mini_sequence_mlp)
-
 MODEL, FULL_SEQ, BATCH = "llama3-8b", 8192, 2  # Table 6's group where both ops are chunked
 
 
@@ -78,33 +76,17 @@ def lm_head_steps(config, tokens: int, device: torch.device, dtype: torch.dtype)
     return {"ac": ac, "mst": mst}
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], reps: int, device: torch.device,
-                     min_seconds: float = 0.25) -> dict[str, list[float]]:
-    """Seconds per call of each step: ``reps`` rounds after a warm-up round, the order alternating; a small op is
-    called repeatedly within a round (at least ``min_seconds`` per sample) so timer and noise stay small."""
-    def timed(step: Callable[[], None], calls: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / calls
-
-    calls = {name: max(1, int(min_seconds / timed(step, 1))) for name, step in steps.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(reps):
-        names = list(steps)[round_index % 2:] + list(steps)[:round_index % 2]
-        for name in names:
-            times[name].append(timed(steps[name], calls[name]))
-    return times
+def time_ops(steps: dict[str, Callable[[], None]], reps: int, device: torch.device,
+             min_seconds: float = 0.25) -> dict[str, list[float]]:
+    """Seconds per call of each step: ``reps`` round-robin rounds after a warm-up call of each, a small op called
+    repeatedly within a round (at least ``min_seconds`` per sample) so timer and noise stay small."""
+    calls = {name: max(1, int(min_seconds / seconds(step, device))) for name, step in steps.items()}
+    return round_robin(steps, rounds=reps, warmup=0, device=device, calls=calls)
 
 
 def markdown(results: dict) -> str:
-    meta = results["meta"]
-    lines = [f"MsT's chunked ops against AC's at Table 6's Llama3-8B 8K batch-2 scaling ({meta['device']}, "
-             f"{meta['dtype']}, {meta['reps']} rounds); median seconds, and MsT / AC time: median over the rounds "
+    lines = [f"MsT's chunked ops against AC's at Table 6's Llama3-8B 8K batch-2 scaling ({results['device']}, "
+             f"{results['dtype']}, {results['reps']} rounds); median seconds, and MsT / AC time: median over the rounds "
              f"(lowest-highest)", "",
              "| d | tokens | MLP chunks | MLP AC s | MLP MsT s | MLP MsT/AC | LM-head chunks | LM-head AC s | "
              "LM-head MsT s | LM-head MsT/AC |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -127,8 +109,6 @@ def _ratio(cell: dict) -> str:
 
 
 def figure(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -139,7 +119,7 @@ def figure(results: dict, path: Path) -> None:
         ax.fill_between(widths, [min(x) for x in rounds], [max(x) for x in rounds], color=line.get_color(), alpha=0.2)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="hidden size d (I, V and tokens scaled with d)", ylabel="MsT time / AC time",
-           title=f"Chunked ops vs AC's, {results['meta']['device']} {results['meta']['dtype']}")
+           title=f"Chunked ops vs AC's, {results['device']} {results['dtype']}")
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.legend()
     save_figure(fig, path)  # tight layout, 120 dpi, replaced atomically, closed
@@ -156,17 +136,12 @@ def run(args: argparse.Namespace) -> dict:
         row = {"d": d, "I": config.intermediate_size, "V": config.vocab_size, "tokens": tokens,
                "mlp_chunks": -(-tokens // default_mlp_chunk_tokens(d))}
         for op, make in (("mlp", mlp_steps), ("lm_head", lm_head_steps)):
-            times = time_round_robin(make(config, tokens, device, dtype), args.reps, device)
+            times = time_ops(make(config, tokens, device, dtype), args.reps, device)
             row[op] = {name: statistics.median(t) for name, t in times.items()}
             row[op]["times_s"] = times
         row["lm_head_chunks"] = -(-tokens // lm_head_chunk_tokens(tokens, config.vocab_size, d))
         rows.append(row)
-    return {"rows": rows, "meta": {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
-                                   "reps": args.reps,
-                                   "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                   "accelerator": (torch.cuda.get_device_name() if device.type == "cuda"
-                                                   else platform.processor() or "cpu"),
-                                   "date": time.strftime("%Y-%m-%d")}}
+    return {**environment(device), "dtype": str(dtype).removeprefix("torch."), "reps": args.reps, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,13 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--widths", type=positive_int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--reps", type=positive_int, default=7, help="samples per op (each >= 0.25 s of calls)")
     p.add_argument("--out", default=str(HERE / "results"))
+    add_figures_arg(p)
     args = p.parse_args(argv)
     out = resolve_device(args)
     results = run(args)
     stem = out / f"op_width_{args.device}"
     text = markdown(results)
     write_results(stem, results, text)
-    figure(results, stem.with_suffix(".png"))
+    figure(results, figure_path("table6_op_width", args.device, args.figures))
     print(text)
 
 

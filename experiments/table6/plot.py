@@ -1,16 +1,11 @@
 """Markdown table and figure of Table 6 from a results JSON (shared by run.py and the notebook)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+from ..results import load, save_figure  # noqa: F401  (load: re-exported for the notebooks)
 
 COLORS = {"vanilla": "tab:gray", "ac": "tab:orange", "mst": "tab:blue", "mst_no_ac": "tab:cyan",
           "mst_mlp_unsplit": "tab:green", "mst_lm_head_unchunked": "tab:purple"}

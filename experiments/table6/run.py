@@ -6,54 +6,51 @@
 The paper's "TFLOPS" column is tokens per second (batch x seq / time-per-step matches every row; paper.md §1), so
 this reports tokens/s and seconds/step. Each group (model, sequence length, batch) builds one model and one
 optimizer-in-backward step, and times the strategies **round-robin** (one step of each in turn, the order rotating
-every round) after warm-up, so load from other jobs on a shared machine hits every strategy alike; it reports the
+every round, ``experiments.timing``) after warm-up, so load from other jobs on a shared machine hits every strategy alike; it reports the
 median and the interquartile range and records the load average. Strategies are switched on the same model with
 ``mst.revert`` + ``prepare``; "mst_no_ac" is MsT without activation checkpointing (the paper's Llama2 row).
 
 "Larger batch": at an equal memory budget MsT fits a larger batch than AC. The budget is Table 2's rule
 (experiments/table2/README.md: the 80 GB GPU emulated at the scaled size, budget_s = static_s + free_full x k x t x
-dtype_factor); the largest batch of each strategy is found with ``mst.memory.length_search`` over the batch size
-(RSS-measured steps, seeded by the planner), then the two are timed round-robin. On CUDA the budget is the GPU.
+dtype_factor); the largest batch of each strategy is found with ``experiments.search.search_batch`` (RSS-measured steps, seeded by
+the planner), then the two are timed round-robin. On CUDA the budget is the GPU.
 On CPU the search runs first with glibc's mmap threshold at 64 KiB (exact RSS peaks), the timing after it at 32 MiB:
 at 64 KiB every tensor is a fresh mapping faulted in on first touch, which more than doubled step times.
 
-CPU mode uses the scaled models of experiments/max_length.py (d = 128, same L, V/d, I/d, GQA) with sequence lengths
+CPU mode uses the scaled models of ``experiments.models.model_config`` (d = 128, same L, V/d, I/d, GQA) with sequence lengths
 scaled by the Table 2 factor t = k = d_s / d (8K -> 256, 4K -> 128 tokens), fp32. Absolute CPU tokens/s are not
 comparable with an A100's; the ratios are. It also counts MLP forward passes per step (a hook on each MLP's
 activation) and times one MLP forward: MsT with checkpointing runs the MLP forward twice per step, as AC does (the
 checkpoint's recompute stops before the MLP, whose per-chunk recompute in backward takes its place;
 ``mst.ops.mini_sequence_mlp``), where a naive combination runs it three times.
-Outputs: results/table6_<device>.{json,md,png}.
+Outputs: results/table6_<device>.{json,md}, paper_figures/table6_throughput[_cuda].png.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
+import mst
+from mst.configs import load_config
+from mst.memory.length_search import run_trial
+from mst.memory.measure import free_memory, set_mmap_threshold
+from mst.memory.planner import DEFAULT_RESERVE_GB, plan
+from mst.memory.strategies import make_train_step, prepare
+
+from ..budget import GiB, emulated_free_bytes
+from ..cli import add_scaled_model_args, nonnegative_int, positive_int, resolve_device
+from ..models import build_model, model_config
+from ..results import environment, figure_path, write_results
+from ..search import search_batch
+from ..timing import round_robin, seconds, throughput
+from .plot import figure, markdown
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-from max_length import build_model, static_bytes_full  # noqa: E402  (shared with Tables 2-4)
-from common import (add_scaled_model_args, nonnegative_int, positive_int, resolve_device,  # noqa: E402
-                    write_results)
-from plot import figure, markdown  # noqa: E402
-
-import mst  # noqa: E402
-from mst.configs import load_config, scaled_config  # noqa: E402
-from mst.memory.length_search import is_allocation_failure, run_trial, search_max_seq_len  # noqa: E402
-from mst.memory.measure import free_memory, set_mmap_threshold  # noqa: E402
-from mst.memory.planner import DEFAULT_RESERVE_GB, plan  # noqa: E402
-from mst.memory.strategies import make_train_step, prepare  # noqa: E402
-
-GiB = 1024 ** 3
 OPTIMIZER = "adamw_in_backward"  # the paper keeps optimizer-in-backward from Table 9 on
 GPU_MEM_GB = 80.0
 VARIANTS = {"vanilla": ("vanilla", {}), "ac": ("ac", {}), "mst": ("mst", {}),
@@ -82,11 +79,12 @@ PAPER_RATIOS = {"mst/ac equal batch (llama3-8b, b=2)": 3194.90 / 3271.42,
 TARGETS = {"mst/ac equal batch": 0.98, "mst/ac larger batch": 1.0}
 
 
-def model_config(name: str, args):
-    if args.device == "cuda":
-        return load_config(name)
-    return scaled_config(name, hidden_size=args.hidden,
-                         **({"num_hidden_layers": args.layers} if args.layers is not None else {}))
+def config_of(name: str, args):
+    return model_config(name, args.device, args.hidden, args.layers)
+
+
+def build(name: str, args):
+    return build_model(config_of(name, args), device=args.device, dtype=args.dtype)
 
 
 def scaled_seq(name: str, full_seq: int, args) -> int:
@@ -98,47 +96,12 @@ def use(model, variant: str):
     return prepare(mst.revert(model), strategy, **options)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def summary(times: list[float], tokens: int) -> dict:
-    q1, med, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return {"s_per_step": med, "iqr_s": [q1, q3], "tokens_per_s": tokens / med,
-            "tokens_per_s_iqr": [tokens / q3, tokens / q1], "times_s": times}
-
-
-def time_round_robin(model, step, variants: list[str], seq: int, batch: int, args, bar) -> dict:
-    """Warm-up, then ``args.steps`` rounds of one step per variant, the order rotating; running out of memory
-    (``is_allocation_failure``: CUDA, cuBLAS or CPU allocator) drops a variant, any other error propagates."""
-    device = torch.device(args.device)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    cells: dict[str, dict] = {}
-    live = list(variants)
-    for round_index in range(args.warmup + args.steps):
-        order = live[round_index % max(1, len(live)):] + live[:round_index % max(1, len(live))]
-        for variant in order:
-            use(model, variant)
-            try:
-                _sync(device)
-                start = time.perf_counter()
-                step(seq)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-            except Exception as exc:
-                if not is_allocation_failure(exc):
-                    raise
-                live.remove(variant)
-                cells[variant] = {"oom": True}
-                free_memory()
-                continue
-            if round_index >= args.warmup:
-                times[variant].append(elapsed)
-        bar.update(1)
-    for variant in variants:
-        cells.setdefault(variant, summary(times[variant], batch * seq) if times[variant] else {"oom": True})
-    return cells
+def time_variants(model, step, variants: list[str], seq: int, batch: int, args, bar) -> dict:
+    """Warm-up, then ``args.steps`` round-robin rounds of one step per variant (``experiments.timing``), the model
+    switched to each variant untimed; a variant that runs out of memory is a cell ``{"oom": True}``."""
+    times = round_robin({v: (lambda: step(seq)) for v in variants}, rounds=args.steps, warmup=args.warmup,
+                        device=args.device, before=lambda v: use(model, v), on_round=lambda: bar.update(1))
+    return {v: throughput(t, batch * seq) if t else {"oom": True} for v, t in times.items()}
 
 
 def mlp_forward_passes(model, step, variants: list[str], seq: int, batch: int) -> dict:
@@ -166,24 +129,15 @@ def mlp_forward_passes(model, step, variants: list[str], seq: int, batch: int) -
 
 def mlp_forward_seconds(model, seq: int, batch: int, args, repeats: int = 10) -> float:
     """One forward of every layer's MLP over batch x seq tokens (no grad): the price of one extra pass."""
-    device = torch.device(args.device)
     mlps = [layer.mlp for layer in mst.revert(model).get_decoder().layers]
-    x = torch.randn(batch, seq, model.config.hidden_size, device=device, dtype=args.dtype)
-    samples = []
+    x = torch.randn(batch, seq, model.config.hidden_size, device=args.device, dtype=args.dtype)
+
+    def forward() -> None:
+        for mlp in mlps:
+            mlp(x)
+
     with torch.no_grad():
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            for mlp in mlps:
-                mlp(x)
-            _sync(device)
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def budget_args(args) -> SimpleNamespace:
-    """The arguments experiments/max_length.static_bytes_full reads (Table 2's budget rule)."""
-    return SimpleNamespace(gpu_mem_gb=GPU_MEM_GB, optimizer=OPTIMIZER, full_dtype=torch.bfloat16, grad_accumulation=1)
+        return statistics.median(seconds(forward, args.device) for _ in range(repeats))
 
 
 def planner_max_batch(config, seq: int, strategy: str, budget_bytes: int, **kwargs) -> int:
@@ -197,13 +151,13 @@ def planner_max_batch(config, seq: int, strategy: str, budget_bytes: int, **kwar
 def max_batch(name: str, full_seq: int, variant: str, args) -> dict:
     """Largest batch of ``variant`` at the Table 2 budget (CPU) or on the GPU (CUDA), by search over batch."""
     device = torch.device(args.device)
-    config, seq = model_config(name, args), scaled_seq(name, full_seq, args)
+    config, seq = config_of(name, args), scaled_seq(name, full_seq, args)
     strategy = VARIANTS[variant][0]
     full = load_config(name)
     planner_full = planner_max_batch(full, full_seq, strategy, int((GPU_MEM_GB - DEFAULT_RESERVE_GB) * GiB))
 
     def make_step(batch: int, length: int = seq):
-        model = use(build_model(config, device, args.dtype, None), variant)
+        model = use(build(name, args), variant)
         step, track = make_train_step(model, optimizer=OPTIMIZER, batch_size=batch)
         return (lambda: step(length)), track
 
@@ -211,53 +165,38 @@ def max_batch(name: str, full_seq: int, variant: str, args) -> dict:
     if device.type == "cpu":
         k = config.hidden_size / full.hidden_size
         static, _ = run_trial(lambda b: make_step(b, 16), 1, None, device, method="rss")
-        free_full = (GPU_MEM_GB - DEFAULT_RESERVE_GB) * GiB - static_bytes_full(full, strategy, budget_args(args))
-        dtype_factor = torch.finfo(args.dtype).bits / 16
-        budget = int(static.peak_bytes + free_full * k * k * dtype_factor)
+        # Table 2's rule with t = k: the sequence is scaled by k, the batch searched
+        budget = int(static.peak_bytes + emulated_free_bytes(full, strategy, scale=k * k, dtype=args.dtype,
+                                                              gpu_mem_gb=GPU_MEM_GB, optimizer=OPTIMIZER))
         planner_small = planner_max_batch(config, seq, strategy, budget, dtype=args.dtype, device="cpu")
-    found = search_max_seq_len(make_step, budget_bytes=budget, device=device, start=max(1, planner_small // 2),
-                               granularity=1, max_len=512, method="rss" if device.type == "cpu" else "tracker")
+    found = search_batch(make_step, device=device, budget_bytes=budget, expect=planner_small)
     return {"variant": variant, "seq_len": seq, "max_batch": found.max_seq_len, "budget_bytes": budget,
             "planner_same_setting": planner_small, "planner_full": planner_full,
             "trials": [vars(t) for t in found.trials]}
 
 
 def time_larger_batch(larger: dict, args, bar) -> None:
-    """Time each variant at its own max batch. CPU: one model each, stepped alternately (the load hits both
-    alike). CUDA: two 8B models do not fit, so one after the other, each with its own model."""
-    device = torch.device(args.device)
+    """Time each variant at its own max batch. CPU: one model each, timed round-robin (the load hits both alike).
+    CUDA: two 8B models do not fit, so one after the other, each with its own model."""
     seq = scaled_seq("llama3-8b", 8192, args)
 
-    def build(variant: str):
-        model = use(build_model(model_config("llama3-8b", args), device, args.dtype, None), variant)
-        return make_train_step(model, optimizer=OPTIMIZER, batch_size=max(1, larger[variant]["max_batch"]))[0]
+    def build_step(variant: str):
+        model = use(build("llama3-8b", args), variant)
+        step = make_train_step(model, optimizer=OPTIMIZER, batch_size=max(1, larger[variant]["max_batch"]))[0]
+        return lambda: step(seq)
 
-    def timed(step) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        step(seq)
-        _sync(device)
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {v: [] for v in larger}
-    if device.type == "cpu":
-        steps = {v: build(v) for v in larger}
-        for round_index in range(args.warmup + args.steps):
-            for variant in (list(larger) if round_index % 2 == 0 else list(larger)[::-1]):
-                elapsed = timed(steps[variant])
-                if round_index >= args.warmup:
-                    times[variant].append(elapsed)
-            bar.update(1)
-        del steps
+    if args.device == "cpu":
+        times = round_robin({v: build_step(v) for v in larger}, rounds=args.steps, warmup=args.warmup,
+                            device=args.device, on_round=lambda: bar.update(1))
     else:
+        times = {}
         for variant in larger:
-            step = build(variant)
-            times[variant] = [timed(step) for _ in range(args.warmup + args.steps)][args.warmup:]
-            del step
+            times.update(round_robin({variant: build_step(variant)}, rounds=args.steps, warmup=args.warmup,
+                                     device=args.device))
             free_memory()
         bar.update(args.warmup + args.steps)
     for variant, found in larger.items():
-        found.update(summary(times[variant], max(1, found["max_batch"]) * seq))
+        found.update(throughput(times[variant], max(1, found["max_batch"]) * seq) if times[variant] else {"oom": True})
     free_memory()
 
 
@@ -266,14 +205,10 @@ def run(args) -> dict:
     load_start = os.getloadavg()
     groups = [g for g in GROUPS if args.groups is None or group_key(g) in args.groups]
     rounds = (args.warmup + args.steps) * (len(groups) + args.larger_batch)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-               "dtype": str(args.dtype).replace("torch.", ""), "optimizer": OPTIMIZER, "warmup": args.warmup,
-               "steps": args.steps, "hidden": None if device.type == "cuda" else args.hidden,
-               "paper": PAPER, "paper_ratios": PAPER_RATIOS, "targets": TARGETS,
-               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                            "mst": mst.__version__, "python": platform.python_version()},
-               "date": time.strftime("%Y-%m-%d %H:%M"), "groups": [], "mlp_extra_forward": {}}
+    results = {**environment(device), "dtype": str(args.dtype).replace("torch.", ""), "optimizer": OPTIMIZER,
+               "warmup": args.warmup, "steps": args.steps, "hidden": None if device.type == "cuda" else args.hidden,
+               "paper": PAPER, "paper_ratios": PAPER_RATIOS, "targets": TARGETS, "groups": [],
+               "mlp_extra_forward": {}}
     with tqdm(total=rounds, desc="table6", unit="round") as bar:
         # first the batch search, which measures RSS peaks: freed tensors must leave at once (a fresh heap)
         timed_threshold = 32 << 20  # then timing: freed tensors stay in glibc's heap (no page faults per step)
@@ -286,11 +221,11 @@ def run(args) -> dict:
             variants = args.variants or variants
             seq = scaled_seq(name, full_seq, args)
             bar.set_postfix_str(f"{name} S={seq} b={batch}")
-            model = build_model(model_config(name, args), device, args.dtype, None)
+            model = build(name, args)
             step, _ = make_train_step(model, optimizer=OPTIMIZER, batch_size=batch)
             group = {"model": name, "full_seq": full_seq, "seq_len": seq, "batch": batch,
                      "load_before": os.getloadavg(),
-                     "cells": time_round_robin(model, step, list(variants), seq, batch, args, bar)}
+                     "cells": time_variants(model, step, list(variants), seq, batch, args, bar)}
             group["load_after"] = os.getloadavg()
             if name == "llama3-8b" and batch == 1:  # the MLP's extra forward, measured once
                 results["mlp_extra_forward"] = {
@@ -346,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     stem = out / f"table6_{args.device}"
     write_results(stem, results, markdown(results))
-    figure(results, stem.with_suffix(".png"))
+    figure(results, figure_path("table6_throughput", args.device, args.figures))
     print(markdown(results))
 
 

@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/bootstrap.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"  # run.py sets glibc's mmap threshold: large to time, 64 KiB to search
-if [ "${1:-}" = "--op-width" ]; then shift; exec python experiments/table6/op_width.py "$@"; fi  # op_width.py's doc
-python experiments/table6/run.py "$@"
+if [ "${1:-}" = "--op-width" ]; then shift; exec python -m experiments.table6.op_width "$@"; fi  # op_width.py's doc
+python -m experiments.table6.run "$@"

@@ -1,4 +1,4 @@
-"""Loss-curve figure of Table 7 from committed results (used by run_table7.py and notebooks/table7_convergence.ipynb).
+"""Loss-curve figure of Table 7 from committed results (used by run.py and notebooks/table7_convergence.ipynb).
 
 Panels: (a) fp32 vanilla vs MsT, (b) bf16 vanilla vs MsT vs vanilla's own noise run, (c) short context with
 activation recomputation vs the longer context MsT fits in the same memory. Each panel reads the per-run CSV logs
@@ -9,10 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def read_curve(path: Path) -> tuple[list[int], list[float]]:

@@ -1,16 +1,11 @@
 """Markdown and figures of Tables 8-11, Figures 7-11 and Figure 3 from a results JSON (run.py and the notebook)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: shared helpers
-from common import load, save_figure  # noqa: E402, F401  (load: re-exported for the notebooks)
+from ..results import load, save_figure  # noqa: F401  (load: re-exported for the notebooks)
 
 GiB, MiB = 1024 ** 3, 1024 ** 2
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "transient")

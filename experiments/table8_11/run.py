@@ -11,41 +11,36 @@ one step under ``mst.memory.timeline.record_timeline`` (live bytes after every o
 history on GPU). Figure 3 is the same breakdown for vanilla / AC / MsT (optimizer-in-backward) at S = 20K for
 Llama3-8B and Gemma-2-9B.
 
-CPU mode measures the scaled models of experiments/max_length.py (hidden d_s = 128, same layers and V/d, I/d, GQA)
+CPU mode measures the scaled models of ``experiments.models.model_config`` (hidden d_s = 128, same layers and V/d, I/d, GQA)
 at S_s = S x k (k = d_s / d, the Table 2 length scale), fp32. Weights and every per-token tensor then scale by k^2
 and fp32 doubles bf16, so ``measured / (k^2 x 2)`` is a full-size bf16 equivalent (HF's fp32 upcast of bf16 logits
 is the exception: it costs nothing in fp32, so vanilla/AC activations are understated). The planner
 (``mst.memory.plan``) gives the full-size rows (labelled "planner") and the same scaled setting (to check it).
 Gemma-2 is measured with SDPA-causal attention and no attention softcap or sliding window (``flash_equivalent``:
 memory-equivalent to the paper's FlashAttention-2; HF's eager Gemma-2 attention would materialise S x S scores).
-Outputs: results/table8_11_<device>.{json,md,png}, results/fig7_11_timelines_<device>.png and
-results/fig3_memory_20k_<device>.png.
+Outputs: results/table8_11_<device>.{json,md}; paper_figures/fig7_11_memory_breakdown.png,
+fig7_11_memory_timelines.png and fig3_memory_20k.png (``_cuda`` before .png for a GPU run).
 """
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from mst.configs import load_config
+from mst.memory import measure_peak, plan
+from mst.memory.measure import free_memory
+from mst.memory.strategies import make_train_step, prepare
+from mst.memory.timeline import record_timeline
+
+from ..cli import add_scaled_model_args, resolve_device
+from ..models import build_model, model_config
+from ..results import environment, figure_path, write_results
+from .plot import breakdown_figure, fig3_figure, markdown, timeline_figure
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-from max_length import build_model  # noqa: E402  (the scaled-model builder shared by the experiments)
-from common import add_scaled_model_args, resolve_device, write_results  # noqa: E402
-from plot import breakdown_figure, fig3_figure, markdown, timeline_figure  # noqa: E402
-
-import mst  # noqa: E402
-from mst.configs import load_config, scaled_config  # noqa: E402
-from mst.memory import measure_peak, plan  # noqa: E402
-from mst.memory.measure import free_memory  # noqa: E402
-from mst.memory.planner.traced import flash_equivalent  # noqa: E402
-from mst.memory.strategies import make_train_step, prepare  # noqa: E402
-from mst.memory.timeline import record_timeline  # noqa: E402
-
 LADDER = (  # (table, figure, strategy, optimizer, label)
     ("table8", "fig7", "vanilla", "adamw", "vanilla"),
     ("table9", "fig8", "vanilla", "adamw_in_backward", "+ optimizer-in-backward"),
@@ -72,11 +67,8 @@ MAX_TIMELINE_POINTS = 1500
 
 
 def scaled_model_config(name: str, args):
-    """The scaled config (CPU) or the full one (CUDA), with memory-equivalent-to-flash attention for Gemma-2."""
-    cfg = load_config(name) if args.device == "cuda" else scaled_config(name, hidden_size=args.hidden,
-                                                                        **({"num_hidden_layers": args.layers}
-                                                                           if args.layers is not None else {}))
-    return flash_equivalent(cfg) if cfg.model_type.startswith("gemma") else cfg  # as the traced planner does
+    """The scaled config (CPU) or the full one (CUDA); Gemma-2 on CPU with memory-equivalent-to-flash attention."""
+    return model_config(name, args.device, args.hidden, args.layers)
 
 
 def downsample(events: list[tuple[str, int]], points: int = MAX_TIMELINE_POINTS) -> dict:
@@ -91,7 +83,7 @@ def downsample(events: list[tuple[str, int]], points: int = MAX_TIMELINE_POINTS)
 def measure(name: str, strategy: str, optimizer: str, seq_len: int, args, timeline: bool) -> dict:
     """Warm-up step, then the breakdown of one step, then (optionally) the timeline of one more."""
     device = torch.device(args.device)
-    model = prepare(build_model(scaled_model_config(name, args), device, args.dtype, None), strategy)
+    model = prepare(build_model(scaled_model_config(name, args), device=device, dtype=args.dtype), strategy)
     step, track = make_train_step(model, optimizer=optimizer)
     step(seq_len)
     report = measure_peak(lambda: step(seq_len), track, device)
@@ -115,12 +107,8 @@ def planned(config, seq_len: int, strategy: str, optimizer: str, **kwargs) -> di
 def run(args) -> dict:
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    results = {"device": torch.cuda.get_device_name(device) if not cpu else
-               f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-               "dtype": str(args.dtype).replace("torch.", ""), "batch_size": 1, "paper": PAPER,
-               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                            "mst": mst.__version__, "python": platform.python_version()},
-               "date": time.strftime("%Y-%m-%d %H:%M"), "ladder": {}, "fig3": {}}
+    results = {**environment(device), "dtype": str(args.dtype).replace("torch.", ""), "batch_size": 1,
+               "paper": PAPER, "ladder": {}, "fig3": {}}
     with tqdm(total=len(LADDER) + sum(len(s) for _, s in FIG3), desc="table8_11", unit="config") as bar:
         full = load_config("llama3-8b")
         small = scaled_model_config("llama3-8b", args)
@@ -161,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     stem = out / f"table8_11_{args.device}"
     write_results(stem, results, markdown(results))
-    breakdown_figure(results, stem.with_suffix(".png"))
-    timeline_figure(results, out / f"fig7_11_timelines_{args.device}.png")
-    fig3_figure(results, out / f"fig3_memory_20k_{args.device}.png")
+    breakdown_figure(results, figure_path("fig7_11_memory_breakdown", args.device, args.figures))
+    timeline_figure(results, figure_path("fig7_11_memory_timelines", args.device, args.figures))
+    fig3_figure(results, figure_path("fig3_memory_20k", args.device, args.figures))
     print(markdown(results))
 
 

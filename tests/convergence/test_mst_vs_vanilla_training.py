@@ -12,9 +12,10 @@ own noise instead.
 import pytest
 import torch
 
-from mst.data import CorpusMissingError, MicroBatches, gpt2_tokenizer, packed_dataset
+from experiments.data import CorpusMissingError, MicroBatches, gpt2_tokenizer, packed_dataset
 from mst.memory.strategies import prepare
-from mst.train import TrainConfig, build_model, train
+from experiments.models import build_model, preset_config
+from experiments.train import TrainConfig, train
 from tests.convergence.synthetic import ragged_batches, step_gradients
 from tests.utils import assert_exact, tiny_model
 
@@ -34,9 +35,9 @@ def corpus_batches():
 
 def _run(strategy, batches, tmp_path, dtype=torch.float32, steps=3):
     """(model, losses, each step's gradients) of a ``strategy`` run."""
-    model = prepare(build_model("tiny-llama", dtype=dtype, seed=0), strategy, **MST_OPTIONS)
+    model = prepare(build_model(preset_config("tiny-llama"), dtype=dtype, seed=0), strategy, **MST_OPTIONS)
     with step_gradients() as grads:
-        rows = train(model, batches, TrainConfig(steps=steps, grad_accum=2, lr=LR),
+        rows = train(model, batches, TrainConfig(steps=steps, accumulation_steps=2, lr=LR),
                      out_dir=tmp_path / f"{strategy}-{dtype}", use_wandb=False, progress=False)
     return model, torch.tensor([r["loss"] for r in rows], dtype=dtype), grads
 
@@ -63,7 +64,7 @@ def test_bf16_vanilla_and_mst_curves_agree(tmp_path):
     losses = []
     for strategy in ("vanilla", "mst"):
         model = prepare(tiny_model("llama", dtype=torch.bfloat16), strategy, **MST_OPTIONS)
-        rows = train(model, ragged_batches(seed=7, micro_batch=2), TrainConfig(steps=4, grad_accum=3, lr=LR),
+        rows = train(model, ragged_batches(seed=7, micro_batch=2), TrainConfig(steps=4, accumulation_steps=3, lr=LR),
                      out_dir=tmp_path / strategy, use_wandb=False, progress=False)
         losses.append(torch.tensor([r["loss"] for r in rows], dtype=torch.float32))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-2, rtol=5e-2)

@@ -1,4 +1,4 @@
-"""experiments/max_length.py (Tables 2-5) end to end at toy size: planner-seeded searches, JSON/markdown/figure,
+"""experiments.max_length (Tables 2-5) end to end at toy size: planner-seeded searches, JSON/markdown/figure,
 results kept cell by cell when a later cell runs out of memory or fails, and clear errors for bad input."""
 import json
 import os
@@ -9,17 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments import max_length
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = str(ROOT / "experiments/max_length.py")
-sys.path.insert(0, str(ROOT / "experiments"))
-import max_length  # noqa: E402
+SCRIPT = ["-m", "experiments.max_length"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 @pytest.mark.slow
 def test_driver_measures_every_strategy(tmp_path):
-    subprocess.run([sys.executable, SCRIPT, "--table", "table2", "--models", "llama3-8b", "--layers", "2",
-                    "--hidden", "32", "--strategies", "vanilla", "mst", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, *SCRIPT, "--table", "table2", "--models", "llama3-8b", "--layers", "2",
+                    "--hidden", "32", "--strategies", "vanilla", "mst", "--out", str(tmp_path),
+                    "--figures", str(tmp_path)],
                    check=True, cwd=ROOT, env=ENV)
     result = json.loads((tmp_path / "max_length_cpu.json").read_text())
     cells = result["models"][0]["strategies"]
@@ -35,7 +36,7 @@ def test_driver_measures_every_strategy(tmp_path):
     assert cells["mst"]["measured_small"] > cells["vanilla"]["measured_small"]
     assert result["complete"] is True and "in_progress" not in result
     assert (tmp_path / "max_length_cpu.md").read_text().startswith("# table2")
-    assert (tmp_path / "max_length_cpu.png").stat().st_size > 0
+    assert (tmp_path / "fig1c_max_length.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -49,7 +50,7 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
         import torch
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path), *args], cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, *SCRIPT, "--out", str(tmp_path), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -63,7 +64,7 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
     (["--length-scale", "nan"], "--length-scale"), (["--length-scale", "inf"], "--length-scale"),
     (["--gpu-mem-gb", "0"], "--gpu-mem-gb"), (["--gpu-mem-gb", "nan"], "--gpu-mem-gb"),
     (["--gpu-mem-gb", "inf"], "--gpu-mem-gb"), (["--gpu-mem-gb", "1"], "--gpu-mem-gb"),
-    (["--grad-accumulation", "0"], "--grad-accumulation"), (["--grad-accumulation", "1.5"], "--grad-accumulation"),
+    (["--accumulation-steps", "0"], "--accumulation-steps"), (["--accumulation-steps", "1.5"], "--accumulation-steps"),
     (["--device", "gpu"], "--device"),
 ])
 def test_bad_numbers_are_argparse_errors(tmp_path, capsys, args, flag):
@@ -116,5 +117,5 @@ def test_a_failing_cell_keeps_the_finished_ones(tmp_path, monkeypatch):
     assert result["in_progress"] == {"model": "llama2-7b", "strategy": "vanilla", "trials": []}
     md = (tmp_path / "max_length_cpu.md").read_text()
     assert md.startswith("# table2") and "incomplete" in md and "OOM: CUDA out of memory" in md
-    assert "| 0 tok | — | 0.0K |" in md  # measured: nothing fits (0), no planner seed (—), not "no number"
+    assert "| 0 tok | — |" in md  # measured: nothing fits (0), no planner seed (—), not "no number"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["max_length_cpu.json", "max_length_cpu.md"]

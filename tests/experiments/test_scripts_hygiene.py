@@ -4,7 +4,10 @@
   file renamed over the old one), never by ``write_text`` / ``write_bytes`` / ``savefig`` on the final path;
 * running out of memory is classified by ``mst.memory.length_search.is_allocation_failure``, not by catching
   ``torch.OutOfMemoryError`` (which misses cuBLAS / CPU-allocator failures);
-* numeric flags use ``common``'s argparse types (finite, in range), not bare ``int`` / ``float`` (seeds excepted).
+* numeric flags use ``experiments.cli``'s argparse types (finite, in range), not bare ``int`` / ``float`` (seeds
+  excepted);
+* one package: no ``sys.path`` edits (in scripts or notebooks), and no experiment imports another experiment's
+  folder (what two experiments share lives in the harness modules at the package's top level).
 """
 from __future__ import annotations
 
@@ -67,12 +70,51 @@ def bare_numeric_flags(tree: ast.AST) -> list[str]:
     return bad
 
 
+def path_edits(tree: ast.AST) -> list[int]:
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+            and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+
+
+def foreign_experiments(tree: ast.AST, path: Path) -> list[str]:
+    """Imports of another experiment's folder (experiments.<folder>) from inside an experiment folder."""
+    parts = path.relative_to(ROOT / "experiments").parts
+    own = parts[0] if len(parts) > 1 else None
+    folders = {p.name for p in (ROOT / "experiments").iterdir() if (p / "run.sh").exists()}
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if node.level == 0 else []
+            if node.level == 2 and own:  # from ..table6 import x
+                names = [f"experiments.{node.module}" if node.module else "experiments"]
+                names += [f"experiments.{a.name}" for a in node.names if not node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            head = name.split(".")
+            if len(head) > 1 and head[0] == "experiments" and head[1] in folders and head[1] != own:
+                bad.append(f"{name} (line {node.lineno})")
+    return bad
+
+
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_experiment_script_follows_the_shared_rules(path: Path) -> None:
     tree = ast.parse(path.read_text(), filename=str(path))
     assert not unsafe_writes(tree), f"{path}: non-atomic write at lines {unsafe_writes(tree)} (use atomic_output)"
     assert not oom_by_type(tree), f"{path}: OOM caught by type at lines {oom_by_type(tree)} (is_allocation_failure)"
     assert not bare_numeric_flags(tree), f"{path}: unchecked numeric flags {bare_numeric_flags(tree)}"
+    assert not path_edits(tree), f"{path}: sys.path used at lines {path_edits(tree)} (run it as a module)"
+    assert not foreign_experiments(tree, path), f"{path}: imports another experiment: {foreign_experiments(tree, path)}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebooks_import_the_package(path: Path) -> None:
+    """Notebooks read results and draw through ``experiments``; they edit no import path and run no experiment."""
+    import json
+
+    code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    assert "sys.path" not in code and "subprocess" not in code, path.name
 
 
 def test_the_checks_catch_what_they_are_for() -> None:
@@ -91,7 +133,13 @@ def f(out, fig, p):
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--reps", type=positive_int)
+    sys.path.insert(0, "x")
 """)
     assert unsafe_writes(tree) == [3, 4]
     assert oom_by_type(tree) == [10]
     assert bare_numeric_flags(tree) == ["--steps (line 12: type=int)", "--lr (line 13: type=float)"]
+    assert path_edits(tree) == [16]
+    other = ast.parse("from experiments.table6.run import use\nfrom ..lss import plot\nfrom .plot import figure\n"
+                      "from ..results import load\nfrom experiments.models import build_model\n")
+    assert foreign_experiments(other, ROOT / "experiments" / "table8_11" / "run.py") == [
+        "experiments.table6.run (line 1)", "experiments.lss (line 2)"]

@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_table13_16_driver_tiny(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "experiments" / "table13_16" / "ablation.py"), "--scale", "128",
+    cmd = [sys.executable, "-m", "experiments.table13_16.ablation", "--scale", "128",
            "--seq-lens", "1024", "40000", "--chunks", "4", "--reps", "1", "--anchor-reps", "0", "--no-max-len",
-           "--chunk-seq-lens", "32768", "--chunk-tokens", "4096", "16384", "--out-dir", str(tmp_path)]
+           "--chunk-seq-lens", "32768", "--chunk-tokens", "4096", "16384", "--out-dir", str(tmp_path), "--figures", str(tmp_path)]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-    for name in ("table13_16_cpu.json", "table13_16_cpu.md", "table13_16_cpu.png", "chunk_default_cpu.png"):
+    for name in ("table13_16_cpu.json", "table13_16_cpu.md", "table13_16_ablation.png", "table13_16_chunk_default.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "table13_16_cpu.json").read_text())
     assert len(results["rows"]) == 2 * (2 + 3)  # S x (LM-head: standard, M=4; MLP: standard, naive 4, recompute 4)
@@ -54,9 +54,9 @@ def test_table13_16_driver_tiny(tmp_path: Path) -> None:
                                         (["--granularity", "0"], "--granularity")])
 def test_ablation_rejects_nonsense_flags(argv, flag, capsys):
     """Argparse error naming the flag, exit 2 (0 no longer means "default" for --scale / --chunk-scale)."""
-    from tests.experiments._scripts import argparse_exit, load_script
+    from experiments.table13_16 import ablation
+    from tests.experiments._scripts import argparse_exit
 
-    ablation = load_script("experiments/table13_16/ablation.py")
     assert flag in argparse_exit(ablation.parse_args, argv, capsys)
     assert ablation.parse_args(["--anchor-reps", "0", "--warmup", "0"]).anchor_reps == 0  # 0 still skips them
 
@@ -68,9 +68,7 @@ def test_ablation_rejects_nonsense_flags(argv, flag, capsys):
 def test_measure_case_records_any_allocation_failure_as_oom(monkeypatch, failure):
     from types import SimpleNamespace
 
-    from tests.experiments._scripts import load_script
-
-    ablation = load_script("experiments/table13_16/ablation.py")
+    from experiments.table13_16 import ablation
 
     def build(*args, **kwargs):
         raise failure
@@ -84,9 +82,7 @@ def test_measure_case_propagates_other_errors(monkeypatch):
     """A bug is not an OOM cell: it stops the run."""
     from types import SimpleNamespace
 
-    from tests.experiments._scripts import load_script
-
-    ablation = load_script("experiments/table13_16/ablation.py")
+    from experiments.table13_16 import ablation
     args = SimpleNamespace(mem_dtype=None, time_dtype=None, device="cpu", reps=1, warmup=0)
     for bug in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), TypeError("out of memory")):
         def build(*a, bug=bug, **k):

@@ -1,4 +1,4 @@
-"""experiments/table6/run.py end to end at toy size: round-robin timings, larger-batch search, JSON and figure."""
+"""experiments.table6.run end to end at toy size: round-robin timings, larger-batch search, JSON and figure."""
 import json
 import os
 import subprocess
@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_table6_driver_writes_results(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "experiments/table6/run.py"), "--hidden", "32", "--layers", "2",
-                    "--steps", "2", "--out", str(tmp_path)], check=True, cwd=ROOT, env=env)
+    subprocess.run([sys.executable, "-m", "experiments.table6.run", "--hidden", "32", "--layers", "2",
+                    "--steps", "2", "--out", str(tmp_path), "--figures", str(tmp_path)], check=True, cwd=ROOT, env=env)
     results = json.loads((tmp_path / "table6_cpu.json").read_text())
     first = results["groups"][0]
     assert list(first["cells"]) == ["vanilla", "ac", "mst"]
@@ -24,16 +24,16 @@ def test_table6_driver_writes_results(tmp_path):
     assert larger["mst"]["max_batch"] >= larger["ac"]["max_batch"] >= 1  # RSS-measured at toy size: noisy
     assert len(results["load_average"]["start"]) == 3
     assert (tmp_path / "table6_cpu.md").read_text().startswith("# Table 6")
-    assert (tmp_path / "table6_cpu.png").stat().st_size > 0
+    assert (tmp_path / "table6_throughput.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_table6_groups_and_attribution_variants(tmp_path):
     """--groups picks one group, --variants replaces its strategies (MsT with one op left unchunked)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "experiments/table6/run.py"), "--hidden", "32", "--layers", "2",
+    subprocess.run([sys.executable, "-m", "experiments.table6.run", "--hidden", "32", "--layers", "2",
                     "--steps", "1", "--no-larger-batch", "--groups", "llama3-8b/8192/2", "--variants", "ac",
-                    "mst_mlp_unsplit", "mst_lm_head_unchunked", "--out", str(tmp_path)],
+                    "mst_mlp_unsplit", "mst_lm_head_unchunked", "--out", str(tmp_path), "--figures", str(tmp_path)],
                    check=True, cwd=ROOT, env=env, capture_output=True)
     results = json.loads((tmp_path / "table6_cpu.json").read_text())
     assert [(g["model"], g["batch"]) for g in results["groups"]] == [("llama3-8b", 2)]
@@ -41,17 +41,11 @@ def test_table6_groups_and_attribution_variants(tmp_path):
     assert {"mst_mlp_unsplit/ac llama3-8b b=2", "mst_lm_head_unchunked/ac llama3-8b b=2"} <= set(results["ratios"])
 
 
-def test_markdown_and_ratios_without_the_larger_batch(monkeypatch):
+def test_markdown_and_ratios_without_the_larger_batch():
     """--no-larger-batch (the scale check at d=512) leaves the equal-batch table and ratios only."""
-    monkeypatch.setattr(sys, "path", [str(ROOT / "experiments" / "table6"), *sys.path])
-    for name in ("run", "plot", "common", "max_length"):  # another experiment's modules of the same names
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    try:
-        from plot import markdown
-        from run import ratios
-    finally:  # the experiment's top-level modules must not shadow other experiments' in later tests
-        for name in ("run", "plot", "common", "max_length"):
-            sys.modules.pop(name, None)
+    from experiments.table6.plot import markdown
+    from experiments.table6.run import ratios
+
     cell = {"s_per_step": 1.0, "iqr_s": [0.9, 1.1], "tokens_per_s": 100.0, "tokens_per_s_iqr": [90.0, 110.0]}
     results = {"device": "CPU", "dtype": "float32", "optimizer": "adamw_in_backward", "steps": 2, "warmup": 1,
                "load_average": {"start": [0, 0, 0], "end": [0, 0, 0]}, "paper": {}, "paper_ratios": {},
@@ -64,10 +58,11 @@ def test_markdown_and_ratios_without_the_larger_batch(monkeypatch):
 
 
 def test_op_width_writes_ratios(tmp_path):
-    """experiments/table6/op_width.py at two toy widths: both ops timed for AC and MsT, JSON / markdown / PNG."""
+    """experiments.table6.op_width at two toy widths: both ops timed for AC and MsT, JSON / markdown / PNG."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "experiments/table6/op_width.py"), "--widths", "32", "64",
-                    "--reps", "2", "--out", str(tmp_path)], check=True, cwd=ROOT, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "experiments.table6.op_width", "--widths", "32", "64", "--reps", "2",
+                    "--out", str(tmp_path), "--figures", str(tmp_path)], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
     results = json.loads((tmp_path / "op_width_cpu.json").read_text())
     assert [r["d"] for r in results["rows"]] == [32, 64]
     for row in results["rows"]:
@@ -75,7 +70,7 @@ def test_op_width_writes_ratios(tmp_path):
         for op in ("mlp", "lm_head"):
             assert row[op]["ac"] > 0 and row[op]["mst"] > 0 and len(row[op]["times_s"]["mst"]) == 2
     assert "| 64 | 256 | 2 |" in (tmp_path / "op_width_cpu.md").read_text()
-    assert (tmp_path / "op_width_cpu.png").stat().st_size > 0
+    assert (tmp_path / "table6_op_width.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--warmup", "-1"], "--warmup"),
@@ -83,9 +78,9 @@ def test_op_width_writes_ratios(tmp_path):
                                         (["--hidden", "-8"], "--hidden")])
 def test_table6_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     """Argparse error naming the flag, exit 2, before anything runs or is written."""
-    from tests.experiments._scripts import argparse_exit, load_script
+    from experiments.table6 import run
+    from tests.experiments._scripts import argparse_exit
 
-    run = load_script("experiments/table6/run.py")
     assert flag in argparse_exit(run.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
 
@@ -93,63 +88,28 @@ def test_table6_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
 @pytest.mark.parametrize("argv, flag", [(["--widths", "32", "0"], "--widths"), (["--reps", "0"], "--reps"),
                                         (["--reps", "inf"], "--reps")])
 def test_op_width_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
-    from tests.experiments._scripts import argparse_exit, load_script
+    from experiments.table6 import op_width
+    from tests.experiments._scripts import argparse_exit
 
-    op_width = load_script("experiments/table6/op_width.py")
     assert flag in argparse_exit(op_width.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_model_config_layers_override():
-    """--layers absent keeps the model's layer count, given it overrides it (tested with ``is not None``)."""
+def test_variants_switch_the_model_untimed(monkeypatch):
+    """Each round switches the one model to each variant before timing its step; an out-of-memory variant is a
+    cell ``{"oom": True}`` and the others are still timed."""
     from types import SimpleNamespace
 
-    from tests.experiments._scripts import load_script
+    from experiments.table6 import run
 
-    run = load_script("experiments/table6/run.py")
-    full = run.load_config("llama3-8b").num_hidden_layers
-    config = run.model_config("llama3-8b", SimpleNamespace(device="cpu", hidden=32, layers=None))
-    assert config.num_hidden_layers == full
-    assert run.model_config("llama3-8b", SimpleNamespace(device="cpu", hidden=32, layers=1)).num_hidden_layers == 1
-
-
-@pytest.mark.parametrize("failure", [RuntimeError("CUDA error: out of memory"), MemoryError(),
-                                     RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
-                                     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
-                                                  "allocate memory: you tried to allocate 8 bytes")])
-def test_round_robin_drops_a_variant_that_runs_out_of_memory(monkeypatch, failure):
-    """Any allocation failure (``is_allocation_failure``), not only torch.OutOfMemoryError, is an OOM cell; the
-    other variants are still timed."""
-    from types import SimpleNamespace
-
-    from tests.experiments._scripts import load_script
-
-    run = load_script("experiments/table6/run.py")
     current = {}
     monkeypatch.setattr(run, "use", lambda model, variant: current.update(variant=variant))
 
     def step(seq):
         if current["variant"] == "vanilla":
-            raise failure
+            raise MemoryError()
 
     args, bar = SimpleNamespace(device="cpu", warmup=1, steps=2), SimpleNamespace(update=lambda n: None)
-    cells = run.time_round_robin(None, step, ["vanilla", "ac", "mst"], 16, 1, args, bar)
+    cells = run.time_variants(None, step, ["vanilla", "ac", "mst"], 16, 1, args, bar)
     assert cells["vanilla"] == {"oom": True}
     assert len(cells["ac"]["times_s"]) == 2 and len(cells["mst"]["times_s"]) == 2
-
-
-def test_round_robin_propagates_other_errors(monkeypatch):
-    """A bug (a RuntimeError that is not an allocator's, a ValueError) is not recorded as OOM: it stops the run."""
-    from types import SimpleNamespace
-
-    from tests.experiments._scripts import load_script
-
-    run = load_script("experiments/table6/run.py")
-    monkeypatch.setattr(run, "use", lambda model, variant: None)
-    args, bar = SimpleNamespace(device="cpu", warmup=0, steps=1), SimpleNamespace(update=lambda n: None)
-    for bug in (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)"), ValueError("out of memory")):
-        def step(seq, bug=bug):
-            raise bug
-
-        with pytest.raises(type(bug)):
-            run.time_round_robin(None, step, ["ac"], 16, 1, args, bar)

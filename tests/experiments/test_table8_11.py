@@ -1,4 +1,4 @@
-"""experiments/table8_11/run.py end to end at toy size: JSON, markdown and the three figures."""
+"""experiments.table8_11.run end to end at toy size: JSON, markdown and the three figures."""
 import json
 import os
 import subprocess
@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_table8_11_driver_writes_results(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "experiments/table8_11/run.py"), "--hidden", "32", "--layers", "2",
-                    "--out", str(tmp_path)], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run([sys.executable, "-m", "experiments.table8_11.run", "--hidden", "32", "--layers", "2",
+                    "--out", str(tmp_path), "--figures", str(tmp_path)], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     results = json.loads((tmp_path / "table8_11_cpu.json").read_text())
     ladder = results["ladder"]
     assert list(ladder) == ["table8", "table9", "table10", "table11"]
@@ -22,29 +22,15 @@ def test_table8_11_driver_writes_results(tmp_path):
     assert max(ladder["table8"]["measured"]["timeline"]["bytes"]) == peaks[0]
     assert set(results["fig3"]) == {"llama3-8b", "gemma2-9b"}
     assert (tmp_path / "table8_11_cpu.md").read_text().startswith("# Tables 8-11")
-    for png in ("table8_11_cpu.png", "fig7_11_timelines_cpu.png", "fig3_memory_20k_cpu.png"):
+    for png in ("fig7_11_memory_breakdown.png", "fig7_11_memory_timelines.png", "fig3_memory_20k.png"):
         assert (tmp_path / png).stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv, flag", [(["--layers", "0"], "--layers"), (["--hidden", "nan"], "--hidden")])
 def test_table8_11_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     """Argparse error naming the flag, exit 2, nothing written."""
-    from tests.experiments._scripts import argparse_exit, load_script
+    from experiments.table8_11 import run
+    from tests.experiments._scripts import argparse_exit
 
-    run = load_script("experiments/table8_11/run.py")
     assert flag in argparse_exit(run.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
-
-
-def test_scaled_model_config_layers_override():
-    """No --layers: the model's own layer count; --layers N: N (``is not None``, not truthiness)."""
-    from types import SimpleNamespace
-
-    from tests.experiments._scripts import load_script
-
-    run = load_script("experiments/table8_11/run.py")
-    full = run.load_config("llama3-8b").num_hidden_layers
-    config = run.scaled_model_config("llama3-8b", SimpleNamespace(device="cpu", hidden=32, layers=None))
-    assert config.num_hidden_layers == full
-    config = run.scaled_model_config("gemma2-9b", SimpleNamespace(device="cpu", hidden=32, layers=1))
-    assert config.num_hidden_layers == 1

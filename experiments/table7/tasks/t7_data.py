@@ -1,7 +1,7 @@
 """Dataset loaders for the Table 7 lm-eval tasks (referenced from the YAMLs as ``!function t7_data.<name>``).
 
 lm-eval resolves ``!function`` next to the YAML, so the jsonl files are found relative to this folder whatever the
-working directory. They are written by ``mst.data.write_eval_tasks`` (``run_table7.py`` does it when missing) from
+working directory. They are written by ``experiments.data.write_eval_tasks`` (``run_table7.py`` does it when missing) from
 held-out documents only.
 """
 from pathlib import Path
