@@ -43,7 +43,7 @@ from .models import build_model, model_config
 from .results import environment, figure_path, write_results
 from .search import search_length
 
-# Paper values (paper.md §1): exact where printed, "inferred" where derived from printed ratios, None = not reported
+# Paper values (docs/paper.md §1): exact where printed, "inferred" where derived from printed ratios, None = not reported
 PAPER = {
     "table2": {"llama3-8b": {"vanilla": ("5K", "inferred 60K/12"), "ac": ("15K", "inferred 60K/4"), "mst": ("60K", "exact")},
                "llama2-7b": {"vanilla": ("7K", "inferred 84K/12"), "ac": ("47K", "inferred 84K/1.8"), "mst": ("84K", "exact")}},
@@ -90,7 +90,7 @@ def run(args, save: Callable[[dict], None] = lambda result: None) -> dict:
     device = torch.device(args.device)
     configs = {name: load_config(name) for name in args.models}  # an unknown name fails before any search
     result = {
-        "table": args.table, **environment(device), "dtype": str(args.dtype).replace("torch.", ""),
+        "table": args.table, "environment": environment(device), "dtype": str(args.dtype).replace("torch.", ""),
         "optimizer": args.optimizer, "accumulation_steps": args.accumulation_steps, "gpu_mem_gb": args.gpu_mem_gb,
         "paper": PAPER.get(args.table, {}), "complete": False, "models": [],
     }
@@ -140,8 +140,8 @@ def _k(n: int | None) -> str:
 def markdown(result: dict) -> str:
     """The README tables of ``result``; one of an unfinished run says so and lists the finished cells only."""
     cells = [(row["model"], s, c) for row in result["models"] for s, c in row["strategies"].items()]
-    cpu = result["device_type"] == "cpu"
-    lines = [f"# {result['table']}: maximum sequence length ({result['device']}, {result['dtype']}, "
+    cpu = result["environment"]["device_type"] == "cpu"
+    lines = [f"# {result['table']}: maximum sequence length ({result['environment']['device']}, {result['dtype']}, "
              f"{result['optimizer']}, accumulation steps {result['accumulation_steps']})", ""]
     if not result.get("complete", True):
         lines += [f"**incomplete**: {len(cells)} searches finished so far (the run stopped, or is still running)", ""]
@@ -195,7 +195,7 @@ def plot(result: dict, path: str | Path) -> None:
 
     from .results import save_figure
 
-    rows, cpu = result["models"], result["device_type"] == "cpu"
+    rows, cpu = result["models"], result["environment"]["device_type"] == "cpu"
     panels = [("full size (K tokens)", lambda row, s, paper: {
         "paper (A100; vanilla/AC inferred)": _paper_tokens(paper.get(s)),
         f"planner ({result['gpu_mem_gb']:g} GB)": row["strategies"][s]["planner_full"],
@@ -219,7 +219,7 @@ def plot(result: dict, path: str | Path) -> None:
             ax.set_title(row["model"], fontsize=9)
             ax.set_ylabel(ylabel)
         axes[r][0].legend(fontsize=7)
-    save_figure(fig, path, title=f"{result['table']}: max trainable length, {result['device']}")
+    save_figure(fig, path, title=f"{result['table']}: max trainable length, {result['environment']['device']}")
 
 
 def _paper_tokens(value) -> float | None:

@@ -49,7 +49,8 @@ def git_sha() -> str | None:
 
 
 def environment(device: str | torch.device) -> dict:
-    """The header of every results file: where and with what it ran."""
+    """The header of every results file, stored under its "environment" key: where and with what it ran (device
+    name and type, torch / transformers / mst / python versions, git SHA, date, host)."""
     import transformers
 
     import mst

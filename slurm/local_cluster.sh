@@ -2,7 +2,7 @@
 # slurm/local_cluster.sh - a real single-node SLURM cluster on localhost (munged + slurmctld + one slurmd per
 # node) from Debian's packages, with no systemd: daemons are started by hand and their PIDs recorded. For CI and
 # for trying slurm/ulysses_scale.sh on one machine. Needs root and Debian 12 (slurm-wlm 22.05, munge 0.5).
-# Follows the verified recipe in /work/shared/reference/slurm.md + local_slurm.sh (timings and pitfalls there).
+# Follows the verified recipe in docs/slurm.md (timings and pitfalls there).
 #
 #   bash slurm/local_cluster.sh up         # install (if needed) + write config + start + wait until nodes are idle
 #   bash slurm/local_cluster.sh status     # daemons (by recorded PID) + sinfo + squeue; exit 1 when not up

@@ -94,6 +94,6 @@ for R in $RANKS; do
 done
 if [ "$MODE" = sweep ]; then
   "$PY" -m experiments.table12.run --reuse --device "$DEVICE" --model "$MODEL" --budget-mib "$BUDGET" \
-    --ranks $RANKS --strategies $STRATEGIES --out-dir "$OUT" --figure "$OUT/table12_$DEVICE.png"
+    --ranks $RANKS --strategies $STRATEGIES --out-dir "$OUT" --figures "$OUT"
 fi
 echo "done: results in $OUT"

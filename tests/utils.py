@@ -255,3 +255,13 @@ def tiny_multimodal_model(model_type: str, *, seed: int = 0, text_type: str | No
                                **extra)
     torch.manual_seed(seed)
     return AutoModelForImageTextToText.from_config(cfg).train()
+
+
+def argparse_exit(main, argv: list[str], capsys) -> str:
+    """Call ``main(argv)`` (a script's entry point or parser), expect argparse's exit 2, return its stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2, exc.value.code
+    return capsys.readouterr().err

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mst.distributed import predict_step
 
-from ..cli import positive_int, require_device
+from ..cli import add_figures_arg, positive_int, require_device
 from ..results import ROOT, environment, figure_path, write_results
 from .plot import figure, markdown
 
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="one run per value: 8 = multi-head (the paper's GPT), 2 = GQA (Llama-3's 4:1)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse point JSONs already in out-dir/points")
-    parser.add_argument("--figure", default=None,
-                        help="PNG to draw (default paper_figures/lss_vs_ulysses[_cuda].png)")
+    add_figures_arg(parser)
     args = parser.parse_args(argv)
     require_device(args.device)
 
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out_dir) / f"lss_{args.device}"
     write_results(out, results, markdown(results))  # each file replaced atomically
-    png = figure(results, args.figure or figure_path("lss_vs_ulysses", args.device))
+    png = figure(results, figure_path("lss_vs_ulysses", args.device, args.figures))
     print(markdown(results))
     print(f"[lss] communication model max error {worst:.2%} (target <= {MODEL_TOLERANCE:.0%}); "
           f"wrote {out}.json/.md and {png}", flush=True)

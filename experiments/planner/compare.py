@@ -40,13 +40,13 @@ from ..results import environment, figure_path, save_figure, write_json, write_t
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("analytic", "traced")
 GiB = 1024 ** 3
-# paper.md §1 Table 2 (A100 80GB, bf16, optimizer-in-backward): exact where printed, inferred from printed ratios
+# docs/paper.md §1 Table 2 (A100 80GB, bf16, optimizer-in-backward): exact where printed, inferred from printed ratios
 PAPER = {"llama3-8b": {"vanilla": "~5K (inferred 60K/12)", "ac": "~15K (inferred 60K/4)", "mst": "60K (exact)",
                        "mst_offload": "not reported"},
          "llama2-7b": {"vanilla": "~7K (inferred 84K/12)", "ac": "~47K (inferred 84K/1.8)", "mst": "84K (exact)",
                        "mst_offload": "not reported"}}
 AIMS = {"mst": ("adamw_in_backward", 110_000), "mst_offload": ("adamw_in_backward", 600_000)}
-# the official code's MsT (paper.md §5.2 item 5): its MLP "mini-sequences" are a plain loop under autograd, so the
+# the official code's MsT (docs/paper.md §5.2 item 5): its MLP "mini-sequences" are a plain loop under autograd, so the
 # recomputed layer keeps every chunk's intermediates; mini-s chunks the LM head into M = 64 pieces
 OFFICIAL = {"mlp_mode": "naive", "lm_head_chunks": 64}
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.replot:
         compared, lim = json.loads((out / "compare.json").read_text()), json.loads((out / "limits.json").read_text())
         write_text(out / "summary.md", summary(compared["rows"], lim, lim["gpu_mem_gb"]))
-        plots(compared["rows"], lim, compared["device_type"], args.figures)
+        plots(compared["rows"], lim, compared["environment"]["device_type"], args.figures)
         return
     require_device(args.device)
     device = torch.device(args.device)
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = compare(args, device, dtype)
     lim = None if args.quick else limits(args)
     suffix = "_quick" if args.quick else ("" if device.type == "cpu" else f"_{device.type}")
-    write_json(out / f"compare{suffix}.json", {**env, "rows": rows})
+    write_json(out / f"compare{suffix}.json", {"environment": env, "rows": rows})
     if lim is not None:
-        write_json(out / "limits.json", {**env, "gpu_mem_gb": args.gpu_mem_gb, **lim})
+        write_json(out / "limits.json", {"environment": env, "gpu_mem_gb": args.gpu_mem_gb, **lim})
     text = summary(rows, lim, args.gpu_mem_gb)
     write_text(out / f"summary{suffix}.md", text)
     if not args.quick:

@@ -4,14 +4,14 @@
     bash experiments/table12/run.sh --device cuda --model llama3-8b --ranks 1 2 4 8     # one node of GPUs, NCCL
     sbatch slurm/ulysses_scale.sh                                    # the same sweep under SLURM (see slurm/)
 
-Paper: Table 12's numbers are not reported (paper.md: "All numbers are NOT FOUND"); the text claims the sequence
+Paper: Table 12's numbers are not reported (docs/paper.md: "All numbers are NOT FOUND"); the text claims the sequence
 length scales linearly with the number of GPUs. This script measures that claim: for each rank count it launches
 ``python -m experiments.table12.search`` under torchrun (one SP group over all ranks; each point is a real search,
 every trial one training step measured per rank with ``measure_peak``), computes the scaling efficiency
 S_max(N) / (N * S_max(1)), and puts the planner's prediction (``mst.memory.max_seq_len(..., gpus=N)``) beside it:
 for the same scaled model and budget (the prediction that seeds each search), and for Llama3-8B / Llama2-7B on
 1-8 x 80 GB. Outputs: results/table12_<device>.{json,md} and the figure
-paper_figures/table12_ulysses_scaling[_cuda].png (``--figure`` draws it elsewhere); the per-rank-count search logs
+paper_figures/table12_ulysses_scaling[_cuda].png (``--figures DIR`` draws it elsewhere); the per-rank-count search logs
 go to results/points/. With --reuse, points already there are not recomputed (the SLURM script writes them with
 srun, then calls this with --reuse to assemble the table).
 """
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli import positive_float, positive_int, require_device
+from ..cli import add_figures_arg, positive_float, positive_int, require_device
 from ..results import ROOT, environment, figure_path, write_results
 from .plot import figure, markdown
 from .search import build_config, default_budget_mib, planner_limit
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grain", type=positive_int, default=8, help="search grid, tokens per rank")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--reuse", action="store_true", help="reuse point JSONs already in out-dir/points")
-    parser.add_argument("--figure", default=None,
-                        help="PNG to draw (default paper_figures/table12_ulysses_scaling[_cuda].png)")
+    add_figures_arg(parser)
     args = parser.parse_args(argv)
     require_device(args.device)
     if args.budget_mib is None:
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     results = assemble(args, points)
     out = Path(args.out_dir) / f"table12_{args.device}"
     write_results(out, results, markdown(results))  # each file replaced atomically
-    png = figure(results, args.figure or figure_path("table12_ulysses_scaling", args.device))
+    png = figure(results, figure_path("table12_ulysses_scaling", args.device, args.figures))
     print(markdown(results))
     m = results["measured"]
     print(f"[table12] MsT+Ulysses min efficiency {m['mst_min_efficiency']} (target >= {TARGET_EFFICIENCY}: "

@@ -60,7 +60,7 @@ SEQ_LENS = (1024, 2048, 4096, 8192, 20000, 40000, 80000)
 CHUNKS = (2, 4, 8, 16, 32)
 CHUNK_TOKENS = (4096, 8192, 16384, 32768)  # d, 2d (= 8K for Llama3), 16K, 32K
 CHUNK_SEQ_LENS = (32768, 65536, 131072)  # long S for the chunk-size comparison (full-size tokens)
-PAPER = {  # paper.md §1, Tables 13-16 (only these cells are printed)
+PAPER = {  # docs/paper.md §1, Tables 13-16 (only these cells are printed)
     "lm_head_time_s": {"1024": {"standard": 0.01, "32": 0.11}},
     "lm_head_memory_gb": {"80000": {"standard": 59.92, "16": 9.12, "32": "89.8% reduction (~6.1)"}},
     "mlp_time_s": {"1024": {"standard": 0.05, "8": 0.12}},
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> dict:
         table["chunk_default"] = chunk_default(args, full, bar)
         table["lm_head_target"] = lm_head_target(table, full, scaled, args, bar)
     results = {
-        **environment(args.device), "tables": "13-16", "paper": PAPER, **table,
+        "environment": environment(args.device), "tables": "13-16", "paper": PAPER, **table,
         "meta": {"device": args.device, "seconds": round(time.time() - start, 1), "model": MODEL,
                  "full_shapes": {"d": full.hidden_size, "I": full.intermediate_size, "V": full.vocab_size},
                  "scale": args.scale,

@@ -148,8 +148,8 @@ def markdown(results: dict) -> str:
     """Every table of the README: memory (planner full size; measured x k^2), time, anchors, chunk default."""
     meta = results["meta"]
     k = meta["scale"]
-    where = (f"{results['device']}, torch {results['versions']['torch']}, "
-             f"transformers {results['versions']['transformers']}")
+    env = results["environment"]
+    where = f"{env['device']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}"
     lines = [f"Measured on {where}; op shapes d={meta['measured_shapes']['d']}, I={meta['measured_shapes']['I']}, "
              f"V={meta['measured_shapes']['V']} and S/k (k={k}); memory measured in {meta['mem_dtype']}, "
              f"time in {meta['time_dtype']} (median of {meta['reps']} after {meta['warmup']} warm-up). "

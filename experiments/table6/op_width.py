@@ -85,7 +85,7 @@ def time_ops(steps: dict[str, Callable[[], None]], reps: int, device: torch.devi
 
 
 def markdown(results: dict) -> str:
-    lines = [f"MsT's chunked ops against AC's at Table 6's Llama3-8B 8K batch-2 scaling ({results['device']}, "
+    lines = [f"MsT's chunked ops against AC's at Table 6's Llama3-8B 8K batch-2 scaling ({results['environment']['device']}, "
              f"{results['dtype']}, {results['reps']} rounds); median seconds, and MsT / AC time: median over the rounds "
              f"(lowest-highest)", "",
              "| d | tokens | MLP chunks | MLP AC s | MLP MsT s | MLP MsT/AC | LM-head chunks | LM-head AC s | "
@@ -119,7 +119,7 @@ def figure(results: dict, path: Path) -> None:
         ax.fill_between(widths, [min(x) for x in rounds], [max(x) for x in rounds], color=line.get_color(), alpha=0.2)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(xscale="log", xlabel="hidden size d (I, V and tokens scaled with d)", ylabel="MsT time / AC time",
-           title=f"Chunked ops vs AC's, {results['device']} {results['dtype']}")
+           title=f"Chunked ops vs AC's, {results['environment']['device']} {results['dtype']}")
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.legend()
     save_figure(fig, path)  # tight layout, 120 dpi, replaced atomically, closed
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
             row[op]["times_s"] = times
         row["lm_head_chunks"] = -(-tokens // lm_head_chunk_tokens(tokens, config.vocab_size, d))
         rows.append(row)
-    return {**environment(device), "dtype": str(dtype).removeprefix("torch."), "reps": args.reps, "rows": rows}
+    return {"environment": environment(device), "dtype": str(dtype).removeprefix("torch."), "reps": args.reps, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ def _paper(results: dict, group: dict, variant: str) -> str:
 
 def markdown(results: dict) -> str:
     load_avg = results["load_average"]
-    lines = [f"# Table 6: training throughput ({results['device']}, {results['dtype']}, {results['optimizer']})", "",
+    lines = [f"# Table 6: training throughput ({results['environment']['device']}, {results['dtype']}, {results['optimizer']})", "",
              f"Median over {results['steps']} round-robin rounds after {results['warmup']} warm-up round(s); "
              f"IQR in brackets. Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in load_avg['start'])}"
              f", at end {', '.join(f'{x:.1f}' for x in load_avg['end'])}. Paper: A100 80G, full size; its "
@@ -85,7 +85,7 @@ def figure(results: dict, out: str | Path) -> Path:
     ax1.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
     ax1.set_ylabel("tokens/s (median, IQR)")
     scale = "" if results["hidden"] is None else f", scaled models d={results['hidden']}"
-    ax1.set_title(f"measured on {results['device']}, {results['dtype']}{scale}", fontsize=8)
+    ax1.set_title(f"measured on {results['environment']['device']}, {results['dtype']}{scale}", fontsize=8)
     paper = results["paper_ratios"]
     measured = results["ratios"]
     pairs = [("MsT/AC, equal batch", paper["mst/ac equal batch (llama3-8b, b=2)"],

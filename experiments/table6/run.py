@@ -3,7 +3,7 @@
     bash experiments/table6/run.sh                      # CPU: scaled models, ratios MsT/AC and MsT/vanilla (~3 min)
     bash experiments/table6/run.sh --device cuda        # full-size Llama3-8B at 8K and Llama2-7B at 4K, bf16
 
-The paper's "TFLOPS" column is tokens per second (batch x seq / time-per-step matches every row; paper.md §1), so
+The paper's "TFLOPS" column is tokens per second (batch x seq / time-per-step matches every row; docs/paper.md §1), so
 this reports tokens/s and seconds/step. Each group (model, sequence length, batch) builds one model and one
 optimizer-in-backward step, and times the strategies **round-robin** (one step of each in turn, the order rotating
 every round, ``experiments.timing``) after warm-up, so load from other jobs on a shared machine hits every strategy alike; it reports the
@@ -65,7 +65,7 @@ GROUPS = (
     ("llama2-7b", 4096, 1, ("vanilla", "ac", "mst", "mst_no_ac")),
     ("llama2-7b", 4096, 16, ("mst",)),
 )
-# paper.md §1 Table 6, A100 80G: (tokens/s printed as "TFLOPS", s/step); "OOM"; None = not printed
+# docs/paper.md §1 Table 6, A100 80G: (tokens/s printed as "TFLOPS", s/step); "OOM"; None = not printed
 PAPER = {
     "llama3-8b/8192/1/vanilla": "OOM",
     "llama3-8b/8192/2/ac": (3271.42, 5.01), "llama3-8b/8192/2/mst": (3194.90, 5.13),
@@ -205,7 +205,7 @@ def run(args) -> dict:
     load_start = os.getloadavg()
     groups = [g for g in GROUPS if args.groups is None or group_key(g) in args.groups]
     rounds = (args.warmup + args.steps) * (len(groups) + args.larger_batch)
-    results = {**environment(device), "dtype": str(args.dtype).replace("torch.", ""), "optimizer": OPTIMIZER,
+    results = {"environment": environment(device), "dtype": str(args.dtype).replace("torch.", ""), "optimizer": OPTIMIZER,
                "warmup": args.warmup, "steps": args.steps, "hidden": None if device.type == "cuda" else args.hidden,
                "paper": PAPER, "paper_ratios": PAPER_RATIOS, "targets": TARGETS, "groups": [],
                "mlp_extra_forward": {}}

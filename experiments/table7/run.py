@@ -162,7 +162,7 @@ def max_diff(a: list[dict], b: list[dict]) -> dict:
 
 def markdown(rec: dict) -> str:
     """The results as markdown tables: paper | planner | measured (device)."""
-    dev = f"measured ({rec['device']}, {rec['date']})"
+    dev = f"measured ({rec['environment']['device']}, {rec['environment']['date']})"
     lines = [f"# Table 7 convergence: {dev}", "",
              f"| quantity | paper (Llama3-8B, LongAlpaca, A100-80G) | planner | {dev} |", "|---|---|---|---|"]
     if "exact" in rec:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     mst_opts = mst_options(args)
     out_json = results / f"table7_{args.device}.json"
     record = previous_record(out_json, args)
-    record.update(environment(args.device))
+    record["environment"] = environment(args.device)
     record["meta"] = {"device": args.device, "threads": torch.get_num_threads(), "args": vars(args),
                       "mst_options": mst_opts, "paper": PAPER}
     t_start = time.time()

@@ -29,13 +29,15 @@ def _fmt(value, scale: float, digits: int = 1) -> str:
 
 
 def markdown(results: dict) -> str:
+    """The tables: paper; the planner at full size; the scaled model's measurement beside the planner for that same
+    scaled setting (two scales, never converted into each other)."""
     scale = results["scale"]
-    to_full = scale["to_full_bf16"]
-    lines = [f"# Tables 8-11: memory of one Llama3-8B training step at 4K tokens, batch 1 ({results['device']})", "",
+    lines = [f"# Tables 8-11: memory of one Llama3-8B training step at 4K tokens, batch 1 "
+             f"({results['environment']['device']})", "",
              f"measured: scaled Llama3-8B (d={scale['hidden']}, L={scale['layers']}, V={scale['vocab']}, "
              f"I={scale['intermediate']}) at {results['ladder']['table8']['seq_len']} tokens, {results['dtype']}, "
-             f"MemTracker at the step's peak; 'measured x {to_full:.0f}' = full-size bf16 equivalent "
-             f"(x 1/(k^2 x dtype bytes ratio)). planner: full-size Llama3-8B, bf16, `mst.memory.plan`.", "",
+             f"MemTracker at the step's peak, beside the planner for that same setting. planner, full size: "
+             f"Llama3-8B, bf16, `mst.memory.plan`.", "",
              "| table | configuration | source | weights | gradients | optimizer state | activations | "
              "transient | peak |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for table, row in results["ladder"].items():
@@ -43,9 +45,7 @@ def markdown(results: dict) -> str:
         config = f"{row['label']} ({row['strategy']}, {row['optimizer']})"
         lines.append(f"| {table} | {config} | paper (GB) | " +
                      " | ".join(_fmt(paper[k], 1, 0) for k in (*COMPONENTS, "peak")) + " |")
-        sources = [("planner, full size (GiB)", row["planner_full"], GiB),
-                   (f"measured x {to_full:.0f} (GiB)", row["measured"], GiB / to_full),
-                   ("measured, scaled (MiB)", row["measured"], MiB)]
+        sources = [("planner, full size (GiB)", row["planner_full"], GiB), ("measured, scaled (MiB)", row["measured"], MiB)]
         if "planner_same_setting" in row:
             sources.append(("planner, same scaled setting (MiB)", row["planner_same_setting"], MiB))
         for label, cell, unit in sources:
@@ -62,8 +62,7 @@ def markdown(results: dict) -> str:
     for model, cells in results["fig3"].items():
         for strategy, cell in cells.items():
             for label, data, unit in (("planner, full size (GiB)", cell["planner_full"], GiB),
-                                      (f"measured at {cell['seq_len']} tok x {cell['to_full_bf16']:.0f} (GiB)",
-                                       cell["measured"], GiB / cell["to_full_bf16"])):
+                                      (f"measured, scaled at {cell['seq_len']} tok (MiB)", cell["measured"], MiB)):
                 parts = components(data)
                 lines.append(f"| {model} | {strategy} | {label} | {_fmt(parts['weights'], unit)} | "
                              f"{_fmt(parts['optimizer_state'], unit)} | "
@@ -82,82 +81,88 @@ def _stack(ax, x: float, parts: dict[str, float], width: float, hatch: str | Non
 
 
 def breakdown_figure(results: dict, out: str | Path) -> Path:
-    """Tables 8-11 as stacked bars: paper (where printed), planner full size, measured full-size equivalent."""
-    to_full = results["scale"]["to_full_bf16"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    """Tables 8-11 as stacked bars: full size (paper peak where printed, planner) and, in a second panel, the scaled
+    model measured beside the planner for that same setting."""
+    fig, (full, small) = plt.subplots(1, 2, figsize=(13, 4.5))
     tables = list(results["ladder"])
     for i, table in enumerate(tables):
         row, paper = results["ladder"][table], results["paper"][table]
-        ax.bar(i - 0.27, paper["peak"], 0.25, color="lightgray", edgecolor="black",
-               label="paper peak (GB)" if i == 0 else None)
-        ax.text(i - 0.27, paper["peak"] + 1, f"{paper['peak']}", ha="center", fontsize=7)
-        _stack(ax, i, {k: v / GiB for k, v in components(row["planner_full"]).items()}, 0.25, label=i == 0)
-        _stack(ax, i + 0.27, {k: v * to_full / GiB for k, v in components(row["measured"]).items()}, 0.25, "//")
-    ax.set_xticks(range(len(tables)), [f"{t}\n{results['ladder'][t]['label']}" for t in tables], fontsize=8)
-    ax.set_ylabel("GiB (full-size Llama3-8B, 4K)")
-    ax.set_title("Tables 8-11: left gray = paper peak, middle = planner (full size), right hatched = measured "
-                 f"scaled x {to_full:.0f}\n({results['device']})", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return save_figure(fig, out)
+        full.bar(i - 0.2, paper["peak"], 0.35, color="lightgray", edgecolor="black",
+                 label="paper peak (GB)" if i == 0 else None)
+        full.text(i - 0.2, paper["peak"] + 1, f"{paper['peak']}", ha="center", fontsize=7)
+        _stack(full, i + 0.2, {k: v / GiB for k, v in components(row["planner_full"]).items()}, 0.35, label=i == 0)
+        _stack(small, i - 0.2, {k: v / MiB for k, v in components(row["measured"]).items()}, 0.35, "//", label=i == 0)
+        if "planner_same_setting" in row:
+            _stack(small, i + 0.2, {k: v / MiB for k, v in components(row["planner_same_setting"]).items()}, 0.35)
+    labels = [f"{t}\n{results['ladder'][t]['label']}" for t in tables]
+    full.set_xticks(range(len(tables)), labels, fontsize=7)
+    small.set_xticks(range(len(tables)), labels, fontsize=7)
+    full.set(ylabel="GiB", title="full-size Llama3-8B, 4K: paper peak (gray), planner (bars)")
+    small.set(ylabel="MiB", title=f"scaled model, {results['ladder']['table8']['seq_len']} tokens: measured "
+                                  "(hatched), planner same setting")
+    full.title.set_fontsize(9)
+    small.title.set_fontsize(9)
+    full.legend(fontsize=7, ncol=2)
+    small.legend(fontsize=7, ncol=2)
+    return save_figure(fig, out, title=f"Tables 8-11 ({results['environment']['device']})")
 
 
 def timeline_figure(results: dict, out: str | Path) -> Path:
-    """Figures 7-10 (one panel per configuration, coloured by phase) and Figure 11 (vanilla vs MsT overlaid)."""
-    to_full = results["scale"]["to_full_bf16"]
+    """Figures 7-10 (one panel per configuration, coloured by phase) and Figure 11 (vanilla vs MsT overlaid), as
+    measured on the scaled model (MiB)."""
     ladder = results["ladder"]
     fig, axes = plt.subplots(1, len(ladder) + 1, figsize=(4 * (len(ladder) + 1), 3.4), sharey=True)
     for ax, (table, row) in zip(axes, ladder.items()):
         tl = row["measured"]["timeline"]
-        ys = [b * to_full / GiB for b in tl["bytes"]]
+        ys = [b / MiB for b in tl["bytes"]]
         xs = range(len(ys))
         for phase, color in PHASE_COLORS.items():
             ax.fill_between(xs, ys, where=[p == phase for p in tl["phase"]], color=color, alpha=0.6, lw=0,
                             step="mid", label=phase)
         parts = components(row["measured"])
-        static = (parts["weights"] + parts["optimizer_state"]) * to_full / GiB
-        ax.axhline(static, color="black", ls=":", lw=1, label="weights + optimizer state")
-        ax.set_title(f"{row['figure']} ({table}): {row['label']}\npeak {max(ys):.1f} GiB equiv., paper "
-                     f"{results['paper'][table]['peak']} GB", fontsize=8)
+        ax.axhline((parts["weights"] + parts["optimizer_state"]) / MiB, color="black", ls=":", lw=1,
+                   label="weights + optimizer state")
+        ax.set_title(f"{row['figure']} ({table}): {row['label']}\npeak {max(ys):.1f} MiB (paper, full size: "
+                     f"{results['paper'][table]['peak']} GB)", fontsize=8)
         ax.set_xlabel(f"op index (x{tl['bin']})", fontsize=8)
-    axes[0].set_ylabel("live GiB (full-size bf16 equivalent)")
+    axes[0].set_ylabel("live MiB (scaled model)")
     axes[0].legend(fontsize=7, loc="upper left")
     ax = axes[-1]
     for table, color in (("table9", "tab:gray"), ("table11", "tab:blue")):
         tl = ladder[table]["measured"]["timeline"]
         xs = [i / max(1, len(tl["bytes"]) - 1) for i in range(len(tl["bytes"]))]
-        ax.plot(xs, [b * to_full / GiB for b in tl["bytes"]], color=color, label=ladder[table]["label"])
+        ax.plot(xs, [b / MiB for b in tl["bytes"]], color=color, label=ladder[table]["label"])
     f11 = results["paper"]["fig11"]
-    ax.set_title(f"fig11: standard vs MsT (paper ~{f11['vanilla_peak']} vs ~{f11['mst_peak']} GB)", fontsize=8)
+    ax.set_title(f"fig11: standard vs MsT (paper, full size: ~{f11['vanilla_peak']} vs ~{f11['mst_peak']} GB)",
+                 fontsize=8)
     ax.set_xlabel("fraction of the step", fontsize=8)
     ax.legend(fontsize=7)
-    fig.suptitle(f"Figures 7-11: memory over one training step, Llama3-8B 4K, measured on {results['device']} "
-                 "(scaled model, scaled to full size)", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, out)
+    return save_figure(fig, out, title=f"Figures 7-11: memory over one training step of the scaled Llama3-8B "
+                                       f"(4K scaled to {ladder['table8']['seq_len']} tokens), measured on "
+                                       f"{results['environment']['device']}")
 
 
 def fig3_figure(results: dict, out: str | Path) -> Path:
-    """Figure 3: stacked bars at S = 20K (weights, optimizer, activations + transient; gradients not shown,
-    as in the paper), planner full size solid, measured scaled (full-size equivalent) hatched."""
-    fig, axes = plt.subplots(1, len(results["fig3"]), figsize=(5 * len(results["fig3"]), 4), sharey=True)
-    for ax, (model, cells) in zip(axes, results["fig3"].items()):
-        for i, (strategy, cell) in enumerate(cells.items()):
-            for dx, data, scale, hatch in ((-0.2, cell["planner_full"], 1.0, None),
-                                           (0.2, cell["measured"], cell["to_full_bf16"], "//")):
-                parts = components(data)
+    """Figure 3: stacked bars at S = 20K (weights, optimizer, activations + transient; gradients not shown, as in
+    the paper): the planner at full size (top row) and the scaled model measured (bottom row)."""
+    models = results["fig3"]
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 6.5), squeeze=False)
+    for col, (model, cells) in enumerate(models.items()):
+        for row, (key, unit, name) in enumerate((("planner_full", GiB, "GiB"), ("measured", MiB, "MiB"))):
+            ax = axes[row][col]
+            for i, cell in enumerate(cells.values()):
+                parts = components(cell[key])
                 bars = {"weights": parts["weights"], "optimizer_state": parts["optimizer_state"],
                         "activations": parts["activations"] + parts["transient"]}
-                _stack(ax, i + dx, {k: v * scale / GiB for k, v in bars.items()}, 0.38, hatch,
-                       label=(i == 0 and hatch is None))
-        ax.axhline(80, color="black", ls="--", lw=1, label="80 GB (A100)")
-        ax.set_xticks(range(len(cells)), list(cells))
-        ax.set_title(f"{model}, S = 20K: solid planner (full size), hatched measured scaled x "
-                     f"{next(iter(cells.values()))['to_full_bf16']:.0f}", fontsize=8)
-    axes[0].set_ylabel("GiB")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Figure 3: memory at 20K tokens, batch 1, optimizer-in-backward (paper: bar heights not reported)",
-                 fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, out)
-
+                _stack(ax, i, {k: v / unit for k, v in bars.items()}, 0.6, label=i == 0 and col == 0 and row == 0)
+            if row == 0:
+                ax.axhline(80, color="black", ls="--", lw=1, label="80 GB (A100)" if col == 0 else None)
+                ax.set_title(f"{model}, S = 20K: planner, full size", fontsize=8)
+            else:
+                ax.set_title(f"{model}: measured, scaled model at {next(iter(cells.values()))['seq_len']} tokens",
+                             fontsize=8)
+            ax.set_xticks(range(len(cells)), list(cells))
+            ax.set_ylabel(name)
+    axes[0][0].legend(fontsize=7)
+    return save_figure(fig, out, title="Figure 3: memory at 20K tokens, batch 1, optimizer-in-backward "
+                                       "(paper: bar heights not reported)")

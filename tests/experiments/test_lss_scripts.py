@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.utils import argparse_exit
+
 from experiments.lss import run, step
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "lss" / "results"
 COMMON_FLAGS = [(["--seq-len", "0"], "--seq-len"), (["--steps", "0"], "--steps"), (["--layers", "-1"], "--layers"),
                 (["--hidden", "nan"], "--hidden"), (["--heads", "0"], "--heads")]
-
-
-def argparse_exit(main, argv: list[str], capsys) -> str:
-    """Call ``main(argv)``, expect argparse's exit 2, return its stderr."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2, exc.value.code
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [*COMMON_FLAGS, (["--ranks", "1", "0"], "--ranks"),

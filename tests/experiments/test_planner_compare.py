@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from experiments.planner import compare
-from tests.experiments._scripts import argparse_exit
+from tests.utils import argparse_exit
 
 
 @pytest.mark.parametrize("argv, flag", [(["--layers", "0"], "--layers"), (["--layers", "1.5"], "--layers"),

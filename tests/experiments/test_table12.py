@@ -12,18 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.utils import argparse_exit
+
 from experiments.table12 import run, search
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "table12" / "results"
-
-
-def argparse_exit(main, argv: list[str], capsys) -> str:
-    """Call ``main(argv)``, expect argparse's exit 2, return its stderr."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2, exc.value.code
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [(["--ranks", "1", "0"], "--ranks"), (["--budget-mib", "0"], "--budget-mib"),

@@ -55,7 +55,7 @@ def test_table13_16_driver_tiny(tmp_path: Path) -> None:
 def test_ablation_rejects_nonsense_flags(argv, flag, capsys):
     """Argparse error naming the flag, exit 2 (0 no longer means "default" for --scale / --chunk-scale)."""
     from experiments.table13_16 import ablation
-    from tests.experiments._scripts import argparse_exit
+    from tests.utils import argparse_exit
 
     assert flag in argparse_exit(ablation.parse_args, argv, capsys)
     assert ablation.parse_args(["--anchor-reps", "0", "--warmup", "0"]).anchor_reps == 0  # 0 still skips them

@@ -47,7 +47,8 @@ def test_markdown_and_ratios_without_the_larger_batch():
     from experiments.table6.run import ratios
 
     cell = {"s_per_step": 1.0, "iqr_s": [0.9, 1.1], "tokens_per_s": 100.0, "tokens_per_s_iqr": [90.0, 110.0]}
-    results = {"device": "CPU", "dtype": "float32", "optimizer": "adamw_in_backward", "steps": 2, "warmup": 1,
+    results = {"environment": {"device": "CPU"}, "dtype": "float32", "optimizer": "adamw_in_backward", "steps": 2,
+               "warmup": 1,
                "load_average": {"start": [0, 0, 0], "end": [0, 0, 0]}, "paper": {}, "paper_ratios": {},
                "targets": {}, "larger_batch": {},
                "groups": [{"model": "llama3-8b", "full_seq": 8192, "seq_len": 256, "batch": 2,
@@ -79,7 +80,7 @@ def test_op_width_writes_ratios(tmp_path):
 def test_table6_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     """Argparse error naming the flag, exit 2, before anything runs or is written."""
     from experiments.table6 import run
-    from tests.experiments._scripts import argparse_exit
+    from tests.utils import argparse_exit
 
     assert flag in argparse_exit(run.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()
@@ -89,7 +90,7 @@ def test_table6_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
                                         (["--reps", "inf"], "--reps")])
 def test_op_width_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     from experiments.table6 import op_width
-    from tests.experiments._scripts import argparse_exit
+    from tests.utils import argparse_exit
 
     assert flag in argparse_exit(op_width.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ def test_table8_11_driver_writes_results(tmp_path):
 def test_table8_11_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     """Argparse error naming the flag, exit 2, nothing written."""
     from experiments.table8_11 import run
-    from tests.experiments._scripts import argparse_exit
+    from tests.utils import argparse_exit
 
     assert flag in argparse_exit(run.main, [*argv, "--out", str(tmp_path / "out")], capsys)
     assert not (tmp_path / "out").exists()

@@ -54,7 +54,7 @@ def test_sbatch_two_task_sweep_writes_table(tmp_path: Path) -> None:
     log = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert proc.returncode == 0, f"sbatch rc={proc.returncode}\n{proc.stdout}{proc.stderr}\n{log[-5000:]}"
 
-    assert (out / "table12_cpu.png").exists()  # the figure beside the job's results, not in paper_figures/
+    assert (out / "table12_ulysses_scaling.png").exists()  # the figure beside the job's results, not in paper_figures/
     results = json.loads((out / "table12_cpu.json").read_text())
     rows = {r["ranks"]: r for r in results["measured"]["rows"]}
     assert set(rows) == {1, 2} and rows[1]["max_seq_len"] > 0
