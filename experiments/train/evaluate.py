@@ -8,7 +8,7 @@ out for every context, so both numbers average the same set of predictions. The 
 the model's own forward with ``labels`` and ``num_items_in_batch=1`` (= the token sum), so an ``mst.apply``-patched
 model evaluates through its chunked LM head without building S x V logits.
 
-``run_lm_eval`` wraps lm-eval 0.4's ``HFLM`` around a model object (environment.md §5): lm-eval calls the model
+``run_lm_eval`` wraps lm-eval 0.4's ``HFLM`` around a model object (docs/environment.md §5): lm-eval calls the model
 without labels, which an MsT-patched model serves with its normal logits.
 """
 from __future__ import annotations

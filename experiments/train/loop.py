@@ -1,6 +1,6 @@
 """A small, exact training loop: AdamW, gradient accumulation, global-norm clipping, constant LR, resume.
 
-Defaults are the paper's Table 7 recipe (paper.md §Table 7): AdamW, weight decay 0.001, clipping 1.0, constant LR
+Defaults are the paper's Table 7 recipe (docs/paper.md §1 Table 7): AdamW, weight decay 0.001, clipping 1.0, constant LR
 1e-4, micro-batch 1 x 16 accumulation. One optimizer step:
 1. fetch micro-batches ``step * accumulation_steps ... + accumulation_steps - 1`` from the stateless schedule (``micro_order=
    "reverse"`` visits them backwards: the same math in another floating-point summation order of the gradients,

@@ -46,7 +46,7 @@ def init_deepspeed_comm(dist_backend: str) -> None:
     ``dist_backend`` is its process-group backend ("gloo", "nccl").
 
     On the CPU accelerator ``deepspeed.init_distributed`` would JIT-compile a shared-memory all-reduce op with g++
-    (~80 s, environment.md §2); Ulysses only needs all-to-all / all-gather, so that op is disabled first.
+    (~80 s, docs/environment.md §2); Ulysses only needs all-to-all / all-gather, so that op is disabled first.
     """
     import deepspeed
     import deepspeed.comm

@@ -4,7 +4,7 @@ The same function serves both devices so CPU results (tests, the scaled-down exp
 same kind of number. The breakdown comes from ``torch.distributed._tools.mem_tracker.MemTracker`` (tensor
 storages attributed to parameters, gradients, optimizer state, activations, temporaries), which counts exactly
 what tensors hold; on CUDA the caching allocator's ``max_memory_allocated`` is reported too, as the number an OOM
-is decided on. (environment.md §7: on CPU the tracker agrees with /proc high-water marks within 5%.)
+is decided on. (docs/environment.md §7: on CPU the tracker agrees with /proc high-water marks within 5%.)
 
 ``method="rss"`` (Linux, CPU) is the cheap alternative for long searches: the tracker intercepts every op, which
 slows a 32-layer step several-fold, while the kernel's resettable resident-set high-water mark costs nothing. It

@@ -3,7 +3,7 @@
 A bitsandbytes-quantized weight cannot be trained itself, so Hugging Face's own recipe for "training an 8-bit /
 4-bit model" is QLoRA: the decoder's linear layers are stored as LLM.int8 (``"int8"``) or NF4 (``"nf4"``) and
 frozen, and PEFT LoRA adapters on every one of them are what the optimizer updates. The paper only says its lossy
-rows use "HuggingFace official implementations", so this is our reading of it (paper.md, Table 5).
+rows use "HuggingFace official implementations", so this is our reading of it (docs/paper.md, Table 5).
 
     model = quantize_for_training(model, "nf4")       # then mst.apply(model) or not: MsT is exact on top of it
     step, track = make_train_step(model, ...)         # only the LoRA parameters require gradients

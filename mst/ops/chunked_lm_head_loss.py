@@ -17,7 +17,7 @@ autograd Function around one ``LMHeadSpec``:
 
 Without a gradient to compute, the loss alone is computed, no Function involved.
 
-Fixes against the official code (paper.md §5.2): dW is *returned* to autograd only (no manual ``.grad`` writes, so
+Fixes against the official code (docs/paper.md §5.2): dW is *returned* to autograd only (no manual ``.grad`` writes, so
 no 2x and no blow-up under gradient accumulation; tied embeddings just add up); chunks are a fixed size with a
 remainder chunk (no dropped tail tokens, no loss 0 when S < M); the loss is normalised by the global count of valid
 tokens (or HF's ``num_items_in_batch``); softcapping is applied.

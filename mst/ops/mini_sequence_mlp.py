@@ -2,7 +2,7 @@
 
 The MLP of a decoder layer is token-wise, so its S x I intermediates (gate, up, act(gate)*up) can be produced one
 chunk of tokens at a time. The paper's official code ran a plain Python loop under autograd, which still saves every
-chunk's intermediates for backward (paper.md §5.2 item 5). Here the forward runs each chunk under ``no_grad`` and
+chunk's intermediates for backward (docs/paper.md §5.2 item 5). Here the forward runs each chunk under ``no_grad`` and
 saves only the input X; backward recomputes one chunk at a time and asks autograd for that chunk's input and weight
 gradients, so peak intermediate memory is one chunk's, and weight gradients still reach ``.grad`` through autograd
 (no manual ``.grad`` writes: DDP / FSDP / ZeRO hooks and gradient accumulation behave as with the plain module).

@@ -1,4 +1,4 @@
-"""Shipped model configs: the public HF values (paper.md's key dimensions), clear errors, and the scaling rule of
+"""Shipped model configs: the public HF values (docs/paper.md's key dimensions), clear errors, and the scaling rule of
 ``scaled_config`` (same L, V/d and I/d within rounding, GQA grouping kept, head_dim 32, usable by HF)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from mst.configs import MODELS, load_config, scaled_config
 
-# d, I, V, L, heads, kv heads, head_dim, tied, final softcap  (paper.md "Model hyper-parameters")
+# d, I, V, L, heads, kv heads, head_dim, tied, final softcap  (docs/paper.md "Model hyper-parameters")
 EXPECTED = {
     "llama3-8b": (4096, 14336, 128256, 32, 32, 8, 128, False, None),
     "llama2-7b": (4096, 11008, 32000, 32, 32, 32, 128, False, None),

@@ -58,7 +58,7 @@ def test_tied_embeddings(model_type):
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
 def test_final_logit_softcapping(model_type):
     """A small cap (0.5) makes tanh strongly nonlinear; the loss must be HF's capped loss (the official HF fork
-    skipped softcapping for Gemma-2, paper.md §5.2 item 6)."""
+    skipped softcapping for Gemma-2, docs/paper.md §5.2 item 6)."""
     ref, got = patched_pair(model_type, final_logit_softcapping=0.5)
     ids = make_input_ids(2, 45)
     labels = make_labels(ids, "prefix")

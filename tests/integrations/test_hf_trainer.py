@@ -1,7 +1,7 @@
 """mst.apply under the HF ``Trainer`` with gradient accumulation: the trained weights equal those of an
 unpatched Trainer run (fp32). This covers Trainer's ``num_items_in_batch`` loss normalisation, its gradient
 accumulation without zeroing between micro-steps (where the official code's lm_head gradient blew up,
-paper.md §5.2 item 2) and global-norm clipping.
+docs/paper.md §5.2 item 2) and global-norm clipping.
 
 The optimizer is SGD: its update is linear in the gradient, so fp32 rounding differences stay ~1e-7. Adam's update
 m / (sqrt(v) + eps) is ~sign(g) on elements whose gradient is near zero, which turns a 1e-9 difference in such a

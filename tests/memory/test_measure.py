@@ -1,7 +1,7 @@
 """``measure_peak`` (MemTracker) agrees with an independent measure: the torch profiler's allocator events.
 
 The independent number replays the raw kineto ``[memory]`` events of one training step (every CPU allocation and
-free, in time order; environment.md §7: ``prof.events()`` keeps only some of them, so the raw kineto list is used),
+free, in time order; docs/environment.md §7: ``prof.events()`` keeps only some of them, so the raw kineto list is used),
 and adds the bytes that already exist when the step starts (weights, optimizer states), which the profiler cannot
 see. The two must agree within 5% for every strategy; on this machine they agree to 0.1%.
 """

@@ -2,7 +2,7 @@
 
 - the two engines (closed-form sizes vs the real HF + mst code on fake tensors) agree at Llama3-8B scale, and on a
   tiny config of every family in ``mst.integrations.FAMILIES`` (the one table ``mst.apply`` and the planner read);
-- they reproduce environment.md §7's independent full-model fake traces (32 layers, MemTracker): Llama3-8B at 8K,
+- they reproduce docs/environment.md §7's independent full-model fake traces (32 layers, MemTracker): Llama3-8B at 8K,
   bf16, AdamW: 105.9 GiB vanilla, 61.79 GiB with checkpointing;
 - orderings the paper's argument rests on, sequence parallelism, ``max_seq_len``'s contract and bad input.
 """
@@ -125,7 +125,7 @@ def test_planner_refuses_families_outside_the_table():
 
 @pytest.mark.parametrize("strategy,gib", [("vanilla", 105.9), ("ac", 61.79)])
 def test_matches_independent_full_model_trace(llama3, strategy, gib):
-    """environment.md §7 traced all 32 layers (two steps, AdamW foreach=False): our one-layer composition agrees."""
+    """docs/environment.md §7 traced all 32 layers (two steps, AdamW foreach=False): our one-layer composition agrees."""
     for engine in ("analytic", "traced"):
         assert plan(llama3, 8192, strategy, engine=engine).peak_gib == pytest.approx(gib, rel=0.002)
 

@@ -1,6 +1,6 @@
 """chunked_lm_head_loss against ``F.cross_entropy(F.linear(h, W, b).float(), y)``: loss and the gradients of h, W
 and b must equal the reference (fp32, ``tests.utils.assert_exact``: assert_close defaults plus a 1e-5 normwise
-bound) for every reduction, ignore pattern and chunking, and the official code's bugs (paper.md §5.2 items 1, 2, 4,
+bound) for every reduction, ignore pattern and chunking, and the official code's bugs (docs/paper.md §5.2 items 1, 2, 4,
 6) must stay fixed."""
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_scale_and_softcap_together():
 
 @pytest.mark.parametrize("n_tokens,num_chunks", [(3, 7), (32, 64), (1, 2)])
 def test_fewer_tokens_than_chunks(n_tokens, num_chunks):
-    """The official code returned loss 0 when S < M (paper.md §5.2 item 4); here every token counts."""
+    """The official code returned loss 0 when S < M (docs/paper.md §5.2 item 4); here every token counts."""
     h, w, b, y = make_inputs(shape=(1, n_tokens))
     loss, _ = assert_matches_reference(h, w, b, y, {"num_chunks": num_chunks})
     assert loss > 0
@@ -193,7 +193,7 @@ def test_default_chunk_rule_llama3_shapes(n_tokens, expected):
 @pytest.mark.parametrize("num_chunks", [4, 8, 64])
 @pytest.mark.parametrize("first_chunk_ignored", [False, True])
 def test_weight_grad_is_not_doubled(num_chunks, first_chunk_ignored):
-    """Official bug (paper.md §5.2 item 1): |dW| / |dW_ref| was 2.000 at HEAD (1.0 when the first mini-sequence
+    """Official bug (docs/paper.md §5.2 item 1): |dW| / |dW_ref| was 2.000 at HEAD (1.0 when the first mini-sequence
     was fully ignored). Ours is exactly the reference gradient, whatever the data."""
     h, w, b, y = make_inputs(shape=(128,))
     if first_chunk_ignored:
@@ -204,7 +204,7 @@ def test_weight_grad_is_not_doubled(num_chunks, first_chunk_ignored):
 
 
 def test_gradient_accumulation_over_three_backwards():
-    """Official bug (paper.md §5.2 item 2): G_k = 2(G_{k-1} + g) gave 2g, 6g, 14g. Ours accumulates g, 2g, 3g,
+    """Official bug (docs/paper.md §5.2 item 2): G_k = 2(G_{k-1} + g) gave 2g, 6g, 14g. Ours accumulates g, 2g, 3g,
     in the hidden states, the weight and the bias, exactly like the reference."""
     h, w, b, y = make_inputs(bias=True, ignore_prefix=5)
     leaves = {k: t.detach().clone().requires_grad_() for k, t in (("h", h), ("w", w), ("b", b))}
@@ -238,7 +238,7 @@ def test_tied_weight_gradients_add_up(options):
 
 def test_frozen_weight_gets_no_gradient():
     """LoRA-style frozen head: only the hidden states get a gradient (the official unsloth port still wrote
-    a V x d .grad, paper.md §5.2 item 8)."""
+    a V x d .grad, docs/paper.md §5.2 item 8)."""
     h, w, b, y = make_inputs()
     w.requires_grad_(False)
     chunked_lm_head_loss(h, w, y, num_chunks=3).backward()

@@ -1,7 +1,7 @@
 """Memory claims of the two ops, as tests that fail if the saving is lost:
 
 - the mini-sequence MLP keeps only its input for backward (the official plain loop, mode="naive", and the plain
-  module keep every S x I intermediate; paper.md §5.2 item 5);
+  module keep every S x I intermediate; docs/paper.md §5.2 item 5);
 - the chunked LM-head loss never allocates a tensor with N x V elements, in forward or backward.
 """
 from __future__ import annotations

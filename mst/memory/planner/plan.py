@@ -62,7 +62,7 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     ``device="cpu"`` plans a CPU run instead (offloaded checkpoints count, CPU AdamW defaults), used to validate
     the planner against measured CPU steps. ``gpu_mem_gb`` only fills ``Plan.gpu_mem_gb`` (see ``Plan.fits``).
     ``mst_options``: what-if ``mst.apply`` options for the traced engine, e.g. ``{"mlp_mode": "naive",
-    "lm_head_chunks": 64}`` to model the official code (paper.md §5.2: its MLP loop keeps every chunk's
+    "lm_head_chunks": 64}`` to model the official code (docs/paper.md §5.2: its MLP loop keeps every chunk's
     intermediates). ``quantization`` ("int8" | "nf4", analytic engine): frozen k-bit projections with rank
     ``lora_rank`` LoRA adapters trained (``mst.memory.quantization``, the paper's Table 5); the bitsandbytes and
     LoRA intermediates are modelled as one dequantized weight per matmul (the adapters' rank-r tensors are ignored).

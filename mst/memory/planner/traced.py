@@ -1,7 +1,7 @@
 """Traced engine: run the real HF module code (with the real ``mst`` patches) on fake tensors and count bytes.
 
 Nothing is allocated: the model is built on ``meta`` and materialised as fake *cpu* tensors inside
-``FakeTensorMode`` (environment.md §7: fake ``cuda`` aborts a CPU-only torch; ``meta`` makes SDPA take the math
+``FakeTensorMode`` (docs/environment.md §7: fake ``cuda`` aborts a CPU-only torch; ``meta`` makes SDPA take the math
 path and materialise S x S scores, while fake cpu dispatches to the flash kernel, memory-equivalent to FlashAttention
 on a GPU). A dispatch mode (``LiveBytes``, ``mst.memory.live_bytes``) counts the bytes of every tensor storage an op
 creates until that storage dies, the quantity ``torch.distributed._tools.mem_tracker.MemTracker`` reports, with the
