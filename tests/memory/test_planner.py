@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -104,12 +106,10 @@ def test_planner_reads_the_apply_family_table():
     assert mst.memory.planner.spec.FAMILIES is FAMILIES
     for family, row in FAMILIES.items():
         spec = ModelSpec.from_config(tiny_config(family))
-        assert (spec.norms_per_layer, spec.norm, spec.fused_qkv, spec.fused_gate_up, spec.parallel_block,
-                spec.rope_fp32, spec.rope_cat, spec.embed_scale) == (
-            row.norms_per_layer, row.norm, row.fused_qkv, row.fused_gate_up, row.parallel_block, row.rope_fp32,
-            row.rope_cat, row.embed_scale), family
-        assert spec.qk_norm == (row.qk_norm is True), family  # Cohere's is a config flag, off by default
-    assert ModelSpec.from_config(tiny_config("cohere", use_qk_norm=True)).qk_norm
+        resolved = row.qk_norm is True  # Cohere's is a config flag, off by default
+        assert spec.family == dataclasses.replace(row, qk_norm=resolved,
+                                                  qk_norm_interleaved=resolved and row.qk_norm_interleaved), family
+    assert ModelSpec.from_config(tiny_config("cohere", use_qk_norm=True)).family.qk_norm is True
 
 
 def test_planner_refuses_families_outside_the_table():

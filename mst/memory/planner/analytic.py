@@ -58,22 +58,22 @@ class _Sizes:
         # bitsandbytes' int8 matmul keeps its input as a ctx attribute, not a saved tensor, so checkpointing cannot
         # drop it: the q/k/v input, o_proj's input and (unless MsT's MLP runs it without a graph) the MLP's inputs
         # (a parallel block's MLP input is the attention's)
-        mlp_in = (0 if spec.parallel_block else self.X) + self.Mi
+        mlp_in = (0 if spec.family.parallel_block else self.X) + self.Mi
         self.int8_kept = (self.X + self.Q + (0 if self.split else mlp_in)
                           if wl.quantization == "int8" and wl.checkpointed else 0)
         # one norm (see norm_saved); its output is saved by the next op
         self.norm = self.norm_saved(self.Xf, self.X, t)
         self.norm_bwd = self.norm_backward(self.Xf)
         self.att = 2 * self.Q + 2 * self.KV + self.LSE  # q, k after RoPE, v, output (o_proj's input), logsumexp
-        if spec.fused_qkv:  # v is a view of the fused q|k|v output, which stays whole (Q + 2 KV instead of KV)
+        if spec.family.fused_qkv:  # v is a view of the fused q|k|v output, which stays whole (Q + 2 KV instead of KV)
             self.att += self.Q + self.KV
-        if spec.rope_cat:  # q, k after RoPE are contiguous (B, H, S, hd) copies, and so is the attention output:
+        if spec.family.rope_cat:  # q, k after RoPE are contiguous (B, H, S, hd) copies, and so is the attention output:
             self.att += self.Q  # o_proj's input is a transposed copy of it
         # q/k norms (Qwen3, Gemma-3, Cohere's optional ones): each keeps what a hidden-state norm of the family's
         # kind keeps (norm_saved), over q / k, with an rstd per head
         self.Qf, self.KVf = FP32 * t * spec.q_dim, FP32 * t * spec.kv_dim
-        self.q_norm = self.norm_saved(self.Qf, self.Q, t * spec.heads) if spec.qk_norm else 0
-        self.qk_norm = self.q_norm + self.norm_saved(self.KVf, self.KV, t * spec.kv_heads) if spec.qk_norm else 0
+        self.q_norm = self.norm_saved(self.Qf, self.Q, t * spec.heads) if spec.family.qk_norm else 0
+        self.qk_norm = self.q_norm + self.norm_saved(self.KVf, self.KV, t * spec.kv_heads) if spec.family.qk_norm else 0
         self.att += self.qk_norm
         # fp32 RoPE (Cohere, bf16/fp16): q and k are cast to fp32 first (both copies live to the end), then q's
         # cos, rotate_half and sin products; then k's, with q's fp32 result waiting
@@ -84,9 +84,9 @@ class _Sizes:
         normalised rows: "rms": its fp32 input, rstd and the normalised x cast back; "gemma": the normalised x stays
         fp32; "layer" (Cohere): the mean-centred x twice (x - mean is computed again for the product) and the
         normalised x, all fp32, and rstd (not its input)."""
-        if self.spec.norm == "layer":
+        if self.spec.family.norm == "layer":
             return 3 * fp32_size + FP32 * rows
-        return fp32_size + FP32 * rows + (fp32_size if self.spec.norm == "gemma" else size)
+        return fp32_size + FP32 * rows + (fp32_size if self.spec.family.norm == "gemma" else size)
 
     def norm_backward(self, fp32_input: int) -> int:
         """Peak of a norm's backward over its fp32 input (``fp32_input`` bytes): that input and five fp32
@@ -97,8 +97,8 @@ class _Sizes:
         """Every activation autograd keeps for one layer's backward (Theorem 1's A_mem x S)."""
         # the outputs of the input norm and of the pre-MLP norm feed saving matmuls (one norm output feeds both
         # attention and MLP in a parallel block)
-        outputs = (1 if self.spec.parallel_block else 2) * self.X
-        return self.spec.norms_per_layer * self.norm + outputs + self.att + 4 * self.Mi
+        outputs = (1 if self.spec.family.parallel_block else 2) * self.X
+        return self.spec.family.norms_per_layer * self.norm + outputs + self.att + 4 * self.Mi
 
 
 def _layer(z: _Sizes) -> LayerProfile:
@@ -106,30 +106,30 @@ def _layer(z: _Sizes) -> LayerProfile:
     s, wl, X = z.spec, z.wl, z.X
     in_backward = wl.optimizer == "adamw_in_backward" and not wl.grad_accumulation
     # checkpointed input (fp32: it is the first RMSNorm's input; a LayerNorm keeps x - mean instead)
-    ckpt = X if wl.checkpointed and (z.low or s.norm == "layer") else 0
+    ckpt = X if wl.checkpointed and (z.low or s.family.norm == "layer") else 0
     nomlp = z.layer_saved_vanilla() - 4 * z.Mi  # norms, their outputs, attention
-    sandwich = s.norms_per_layer == 4  # Gemma-2/3: a norm after attention and after the MLP too
+    sandwich = s.family.norms_per_layer == 4  # Gemma-2/3: a norm after attention and after the MLP too
     post = (z.norm if sandwich else 0)  # the post-MLP norm is done (freed) when the MLP backward starts
     if wl.checkpointed:
         saved = X + z.int8_kept
         # chunk intermediates (a fused gate|up output lives whole until the product), chunk outputs and their cat
-        inter = 4 if s.fused_gate_up else 3
+        inter = 4 if s.family.fused_gate_up else 3
         mlp_fwd = inter * z.Mc + 3 * X if z.split else inter * z.Mi
         # input, norm output, q, k, v + RoPE's q cos, rotate_half, its sin (then k's, with q's result waiting)
         attn_fwd = 2 * X + z.Q + 2 * z.KV + max(3 * z.Q, z.Q + 3 * z.KV)
-        if s.rope_fp32 and z.low:
+        if s.family.rope_fp32 and z.low:
             attn_fwd = 2 * X + z.Q + 2 * z.KV + z.rope_fp32_fwd
-        if s.rope_cat:  # at the output's transposed copy: v (the whole q|k|v if fused), q, k, the output and copy
-            attn_fwd = max(attn_fwd, 2 * X + (z.Q + 2 * z.KV if s.fused_qkv else z.KV) + 3 * z.Q + z.KV)
-        if s.qk_norm:  # input, norm output, q's projection (a copy in bf16), its fp32 copy and x * rstd
+        if s.family.rope_cat:  # at the output's transposed copy: v (the whole q|k|v if fused), q, k, the output and copy
+            attn_fwd = max(attn_fwd, 2 * X + (z.Q + 2 * z.KV if s.family.fused_qkv else z.KV) + 3 * z.Q + z.KV)
+        if s.family.qk_norm:  # input, norm output, q's projection (a copy in bf16), its fp32 copy and x * rstd
             attn_fwd = max(attn_fwd, 2 * X + (z.Q if z.low else 0) + 2 * z.Qf + 2 * FP32 * z.t * s.heads)
         fwd_peak = max(3 * X + mlp_fwd, attn_fwd)  # input, h1 and the MLP input live through the MLP
     else:
         saved = z.layer_saved_vanilla()
         fwd_peak = saved + 2 * X + (2 * X if z.low else 0)  # + output, down-proj output (+ input, h1 in bf16)
-        if s.parallel_block:  # input + attention out + MLP out at the final sum: input, both outputs, partial sum
+        if s.family.parallel_block:  # input + attention out + MLP out at the final sum: input, both outputs, partial sum
             fwd_peak = saved + 5 * X
-        if s.rope_fp32 and z.low:  # or at the fp32 RoPE: input, the norm's saved tensors and output, q, k, v
+        if s.family.rope_fp32 and z.low:  # or at the fp32 RoPE: input, the norm's saved tensors and output, q, k, v
             fwd_peak = max(fwd_peak, 2 * X + z.norm + z.qk_norm + z.Q + 2 * z.KV + z.rope_fp32_fwd)
     dh, mlp_grads = X, 3 * z.mlp_w * z.train_w
     attn_grads = z.a * 2 * s.hidden * (s.q_dim + s.kv_dim) * z.train_w
@@ -150,23 +150,23 @@ def _layer(z: _Sizes) -> LayerProfile:
         points["post_norm"] = (ckpt + nomlp + (0 if z.split else 4 * z.Mi) + dh + z.norm_bwd - z.norm
                                + (0 if z.low else z.Xf), 0)
     first = z.norm + X  # the input norm's saved tensors and its output
-    if s.parallel_block:  # no pre-MLP norm: the MLP's input gradient waits for the attention's
+    if s.family.parallel_block:  # no pre-MLP norm: the MLP's input gradient waits for the attention's
         first += X
     else:
         points["norm2"] = (ckpt + first + z.att + (z.norm if sandwich else 0) + z.norm_bwd + dh + mlp_grads,
                            mlp_grads)
     # the attention backward: dq, dk, dv and the output's gradient (o_proj's backward freed a transposed copy)
-    att_left = z.att - (z.Q if s.rope_cat else 0)
+    att_left = z.att - (z.Q if s.family.rope_cat else 0)
     points["attn"] = (ckpt + first + att_left + dh + 2 * z.Q + 2 * z.KV + mlp_grads, mlp_grads)
-    if s.rope_fp32 and z.low:  # q's fp32 RoPE backward: its fp32 gradient and three temporaries, k's fp32 gradient
+    if s.family.rope_fp32 and z.low:  # q's fp32 RoPE backward: its fp32 gradient and three temporaries, k's fp32 gradient
         # and v's (the attention's saved tensors are gone, the q/k norms' not yet)
         o = z.a * s.hidden * s.q_dim * z.train_w
         points["rope"] = (ckpt + first + z.qk_norm + dh + z.KV + z.KVf + 4 * z.Qf + mlp_grads + o, mlp_grads + o)
         if wl.checkpointed:  # the recomputed forward's fp32 RoPE of q (see attn_fwd), the norm's saved tensors kept
             points["rope_recompute"] = (ckpt + z.norm + X + z.qk_norm + dh + z.Q + 2 * z.KV + z.rope_fp32_fwd, 0)
-    if s.qk_norm:  # k's norm backward with q's norm saved and q's gradient waiting, then q's norm backward
+    if s.family.qk_norm:  # k's norm backward with q's norm saved and q's gradient waiting, then q's norm backward
         q_saved = z.q_norm
-        if s.qk_norm_interleaved:  # (Qwen3) v's projection backward ran first: its input gradient (X) waits
+        if s.family.qk_norm_interleaved:  # (Qwen3) v's projection backward ran first: its input gradient (X) waits
             o_v, o_v_k = (z.a * s.hidden * (s.q_dim + n * s.kv_dim) * z.train_w for n in (1, 2))
             k_point, k_grads = ckpt + first + dh + X + q_saved + z.Q, mlp_grads + o_v
             q_point, q_grads = ckpt + first + dh + X, mlp_grads + o_v_k
@@ -222,7 +222,7 @@ def _head(z: _Sizes) -> HeadProfile:
         bwd_peak, bwd_grads = norm_point, 0 if s.tied or in_backward else lm_grad
     # the tied head's V x d gradient waits in autograd's buffer for the embedding's; the two are then summed
     # out of place (3 V x d at once) before the single accumulation
-    emb_in = X * (2 if s.embed_scale else 1)  # Gemma scales the embedding output: its gradient is one more X
+    emb_in = X * (2 if s.family.embed_scale else 1)  # Gemma scales the embedding output: its gradient is one more X
     step = adam_step_temporaries(wl.device, True) * lm_grad if in_backward else 0
     if s.tied:
         end, end_grads = X + norm_grad + lm_grad, norm_grad

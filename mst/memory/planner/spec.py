@@ -12,6 +12,8 @@ negative layer count, a reserve larger than the card) is a ``ValueError`` instea
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import numbers
 from dataclasses import dataclass
@@ -95,17 +97,9 @@ class ModelSpec:
     out_bias: bool  # bias on o_proj (config.attention_bias)
     mlp_bias: bool
     final_softcap: float | None  # Gemma-2/3 final-logit softcapping (vanilla HF builds 3 extra S x V tensors)
-    # the family's facts (``mst.integrations.families.Family`` says what each means for memory)
-    norms_per_layer: int = 2
-    norm: str = "rms"  # "rms" | "gemma" | "layer"
-    qk_norm: bool = False  # (resolved: a config flag named by the family row has been read)
-    qk_norm_interleaved: bool = False
-    fused_qkv: bool = False
-    fused_gate_up: bool = False
-    parallel_block: bool = False
-    rope_fp32: bool = False
-    rope_cat: bool = False
-    embed_scale: bool = False
+    # the family's row (``mst.integrations.families.Family`` says what each fact means for memory), with a q/k norm
+    # that a config flag switches (Cohere's use_qk_norm) resolved to a bool
+    family: Family = Family()
     rope_dim: int | None = None  # rotated dims per head (Phi-3's partial_rotary_factor; None: head_dim)
     rope_sets: int = 1  # rotary tables the decoder builds (Gemma-3: one per layer type, local and global)
 
@@ -114,7 +108,6 @@ class ModelSpec:
             check_positive_int(key, getattr(self, name))
         check_config_sizes({key: getattr(self, name) for name, key in CONFIG_SIZES.items()}
                            | {"final_logit_softcapping": self.final_softcap})  # head grouping, softcap
-        Family(norms_per_layer=self.norms_per_layer, norm=self.norm, parallel_block=self.parallel_block)  # checks
         if self.rope_dim is not None:
             check_positive_int("rope dims (head_dim x partial_rotary_factor)", self.rope_dim)
 
@@ -151,10 +144,8 @@ class ModelSpec:
                    attn_bias=attention_bias or row.qkv_bias, out_bias=attention_bias,
                    mlp_bias=bool(getattr(config, "mlp_bias", False)),
                    final_softcap=getattr(config, row.softcap_attr, None) if row.softcap_attr else None,
-                   norms_per_layer=row.norms_per_layer, norm=row.norm, qk_norm=qk_norm,
-                   qk_norm_interleaved=qk_norm and row.qk_norm_interleaved, fused_qkv=row.fused_qkv,
-                   fused_gate_up=row.fused_gate_up, parallel_block=row.parallel_block, rope_fp32=row.rope_fp32,
-                   rope_cat=row.rope_cat, embed_scale=row.embed_scale, rope_dim=rope_dim,
+                   family=dataclasses.replace(row, qk_norm=qk_norm, qk_norm_interleaved=qk_norm and row.qk_norm_interleaved),
+                   rope_dim=rope_dim,
                    rope_sets=len(layer_types) if per_type else 1)
 
     @property
@@ -173,8 +164,8 @@ class ModelSpec:
     def layer_param_shapes(self) -> list[int]:
         """Element counts of one decoder layer's parameter tensors."""
         d, inter = self.hidden, self.intermediate
-        qkv = [self.q_dim + 2 * self.kv_dim] if self.fused_qkv else [self.q_dim, self.kv_dim, self.kv_dim]
-        mlp_out = [2 * inter] if self.fused_gate_up else [inter, inter]
+        qkv = [self.q_dim + 2 * self.kv_dim] if self.family.fused_qkv else [self.q_dim, self.kv_dim, self.kv_dim]
+        mlp_out = [2 * inter] if self.family.fused_gate_up else [inter, inter]
         flat = [d * n for n in qkv] + [self.q_dim * d] + [d * n for n in mlp_out] + [inter * d]
         if self.attn_bias:
             flat += qkv
@@ -182,17 +173,17 @@ class ModelSpec:
             flat.append(d)
         if self.mlp_bias:
             flat += mlp_out + [d]
-        if self.qk_norm:  # Cohere's LayerNorm has a weight per head; RMSNorms share one over heads
-            flat += [self.q_dim, self.kv_dim] if self.norm == "layer" else [self.head_dim, self.head_dim]
-        return flat + [d] * self.norms_per_layer
+        if self.family.qk_norm:  # Cohere's LayerNorm has a weight per head; RMSNorms share one over heads
+            flat += [self.q_dim, self.kv_dim] if self.family.norm == "layer" else [self.head_dim, self.head_dim]
+        return flat + [d] * self.family.norms_per_layer
 
     def layer_linears(self) -> list[tuple[int, int]]:
         """(in, out) features of one layer's projections: q, k, v (or fused qkv), o, gate, up (or fused gate_up),
         down."""
         d, inter = self.hidden, self.intermediate
-        attn = [(d, self.q_dim + 2 * self.kv_dim)] if self.fused_qkv else [(d, self.q_dim), (d, self.kv_dim),
+        attn = [(d, self.q_dim + 2 * self.kv_dim)] if self.family.fused_qkv else [(d, self.q_dim), (d, self.kv_dim),
                                                                           (d, self.kv_dim)]
-        mlp = [(d, 2 * inter)] if self.fused_gate_up else [(d, inter), (d, inter)]
+        mlp = [(d, 2 * inter)] if self.family.fused_gate_up else [(d, inter), (d, inter)]
         return attn + [(self.q_dim, d)] + mlp + [(inter, d)]
 
     def lora_layer_params(self, rank: int) -> int:
