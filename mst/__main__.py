@@ -1,7 +1,7 @@
 """Command line: ``python -m mst plan`` predicts the longest trainable sequence per strategy, with the peak breakdown.
 
     python -m mst plan --model llama3-8b --gpu-mem-gb 80 --optimizer adamw_in_backward
-    python -m mst plan --model gemma2-9b --gpus 4 --strategy mst --strategy mst_offload --json
+    python -m mst plan --model gemma2-9b --sp-size 4 --strategy mst --strategy mst_offload --json
     python -m mst plan --model path/to/config.json --seq-len 32768 --engine traced
 
 Bad input (unknown model, a missing or invalid config file, numbers that are not a real card or model such as NaN,
@@ -65,7 +65,7 @@ def _load(model: str) -> PretrainedConfig:
 def _rows(args) -> dict[str, Row]:
     Budget(args.gpu_mem_gb, args.reserve_gb)  # also when --seq-len skips the search: the header prints both
     config = _load(args.model)
-    common = dict(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=DTYPES[args.dtype],
+    common = dict(sp_size=args.sp_size, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=DTYPES[args.dtype],
                   grad_accumulation=args.grad_accumulation, engine=args.engine, batch_size=args.batch_size)
     rows = {}
     for strategy in args.strategy or list(STRATEGIES):
@@ -78,7 +78,7 @@ def _rows(args) -> dict[str, Row]:
 
 
 def _table(args, rows: dict[str, Row]) -> str:
-    head = (f"{args.model}: {args.gpus} x {args.gpu_mem_gb:g} GiB ({args.reserve_gb:g} GiB reserve), {args.dtype}, "
+    head = (f"{args.model}: {args.sp_size} x {args.gpu_mem_gb:g} GiB ({args.reserve_gb:g} GiB reserve), {args.dtype}, "
             f"{args.optimizer}{', grad accumulation' if args.grad_accumulation else ''}, batch {args.batch_size}, "
             f"{args.engine} engine")
     label = "seq len" if args.seq_len is not None else "max seq len"
@@ -87,7 +87,7 @@ def _table(args, rows: dict[str, Row]) -> str:
     notes = []
     for strategy, (length, p, capped) in rows.items():
         if p is None:
-            lines.append(f"{strategy:<12} {length:>11}   (not even {args.granularity * args.gpus} tokens fit)")
+            lines.append(f"{strategy:<12} {length:>11}   (not even {args.granularity * args.sp_size} tokens fit)")
             continue
         cells = " ".join(f"{p.breakdown[c] / GiB:>11.2f}" for c in COLUMNS)
         host = f" ({p.host_bytes / GiB:.1f})" if p.host_bytes else ""
@@ -102,7 +102,7 @@ def _json(args, rows: dict[str, Row]) -> str:
     lengths = {"max_seq_len" if searched else "seq_len": {s: n for s, (n, _, _) in rows.items()}}
     if searched:  # True: the search stopped at its cap, the limit is at least max_seq_len
         lengths["capped"] = {s: capped for s, (_, _, capped) in rows.items()}
-    return json.dumps({"model": args.model, "gpus": args.gpus, "gpu_mem_gb": args.gpu_mem_gb,
+    return json.dumps({"model": args.model, "sp_size": args.sp_size, "gpu_mem_gb": args.gpu_mem_gb,
                        "reserve_gb": args.reserve_gb, "dtype": args.dtype, "optimizer": args.optimizer,
                        "grad_accumulation": args.grad_accumulation, "engine": args.engine,
                        "batch_size": args.batch_size, **lengths,
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
     p.add_argument("--reserve-gb", type=float, default=DEFAULT_RESERVE_GB,
                    help=f"GiB kept free for the CUDA context and fragmentation (default {DEFAULT_RESERVE_GB})")
-    p.add_argument("--gpus", type=int, default=1, help="DeepSpeed-Ulysses sequence-parallel size (default 1)")
+    p.add_argument("--sp-size", type=int, default=1, help="DeepSpeed-Ulysses sequence-parallel size (default 1)")
     p.add_argument("--strategy", action="append", choices=list(STRATEGIES),
                    help="repeat to choose several (default: all)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")

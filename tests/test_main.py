@@ -24,7 +24,7 @@ def test_json_has_a_max_seq_len_per_strategy(capsys):
 
 
 def test_table_and_options(capsys):
-    argv = ["plan", "--model", "llama2-7b", "--gpus", "2", "--strategy", "mst", "--strategy", "ac",
+    argv = ["plan", "--model", "llama2-7b", "--sp-size", "2", "--strategy", "mst", "--strategy", "ac",
             "--optimizer", "adamw_in_backward", "--grad-accumulation"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -72,7 +72,7 @@ def _error_line(capsys) -> str:
     (["--reserve-gb", "80"], "reserve_gb must be a finite number from 0 to less than gpu_mem_gb"),
     (["--seq-len", "0"], "seq_len must be a positive integer, got 0"),  # was taken as "search"
     (["--seq-len", "-4096"], "seq_len must be a positive integer"),
-    (["--gpus", "0"], "sp (gpus) must be a positive integer, got 0"),
+    (["--sp-size", "0"], "sp_size must be a positive integer, got 0"),
     (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
     (["--granularity", "0"], "granularity must be a positive integer, got 0"),
     (["--seq-len", "4096", "--reserve-gb", "-1"], "reserve_gb"),  # checked even when nothing is searched

@@ -112,7 +112,7 @@ def extrapolate() -> dict:
                                           params=params)
         if backend == "ulysses" and a["heads"] % sp:
             return None  # Ulysses needs the heads to split over the sequence group
-        ops = predict_step(backend, sp=sp, dp=dp, seq_len=seq, **shape)
+        ops = predict_step(backend, sp_size=sp, dp_size=dp, seq_len=seq, **shape)
         return sum(op["wire_bytes"] for op in ops.values())
 
     backends = ("lss", "ulysses", "allgather", "megatron_sp")

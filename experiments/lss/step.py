@@ -59,7 +59,7 @@ def window(data: torch.Tensor, index: int, seq_len: int) -> torch.Tensor:
 
 def predicted(model, sp, seq_len: int, recompute: bool) -> dict:
     cfg = model.config
-    return md.predict_step(sp.backend, sp=sp.size, dp=sp.dp_size, layers=cfg.num_hidden_layers,
+    return md.predict_step(sp.backend, sp_size=sp.size, dp_size=sp.dp_size, layers=cfg.num_hidden_layers,
                            heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                            batch=1, seq_len=seq_len, grad_bytes=sum(p.numel() * p.element_size()
                                                                     for p in model.parameters()),

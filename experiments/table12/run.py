@@ -8,7 +8,7 @@ Paper: Table 12's numbers are not reported (docs/paper.md: "All numbers are NOT 
 length scales linearly with the number of GPUs. This script measures that claim: for each rank count it launches
 ``python -m experiments.table12.search`` under torchrun (one SP group over all ranks; each point is a real search,
 every trial one training step measured per rank with ``measure_peak``), computes the scaling efficiency
-S_max(N) / (N * S_max(1)), and puts the planner's prediction (``mst.memory.max_seq_len(..., gpus=N)``) beside it:
+S_max(N) / (N * S_max(1)), and puts the planner's prediction (``mst.memory.max_seq_len(..., sp_size=N)``) beside it:
 for the same scaled model and budget (the prediction that seeds each search), and for Llama3-8B / Llama2-7B on
 1-8 x 80 GB. Outputs: results/table12_<device>.{json,md} and the figure
 paper_figures/table12_ulysses_scaling[_cuda].png (``--figures DIR`` draws it elsewhere); the per-rank-count search logs
@@ -69,7 +69,7 @@ def full_size_planner(args) -> dict:
 
     def cell(model: str, strategy: str, gpus: int) -> int | None:
         try:
-            return max_seq_len(load_config(model), strategy, gpus=gpus, gpu_mem_gb=PLANNER_GB, optimizer="adamw")
+            return max_seq_len(load_config(model), strategy, sp_size=gpus, gpu_mem_gb=PLANNER_GB, optimizer="adamw")
         except ValueError as err:
             print(f"[table12] planner: {model} {strategy} x{gpus}: {err}", flush=True)
             return None

@@ -69,7 +69,7 @@ def planner_limit(config, strategy: str, *, ranks: int, budget_mib: float, grain
 
     device = torch.device(device)
     try:
-        return int(max_seq_len(config, strategy, gpus=ranks, gpu_mem_gb=budget_mib / 1024, reserve_gb=0.0,
+        return int(max_seq_len(config, strategy, sp_size=ranks, gpu_mem_gb=budget_mib / 1024, reserve_gb=0.0,
                                optimizer="adamw", dtype=model_dtype(device), granularity=grain,
                                device=device.type))
     except ValueError as err:

@@ -107,34 +107,34 @@ def count_collectives() -> Iterator[CommStats]:
             setattr(dist, op, fn)
 
 
-def predict_step(backend: str, *, sp: int, dp: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+def predict_step(backend: str, *, sp_size: int, dp_size: int, layers: int, heads: int, kv_heads: int, head_dim: int,
                  batch: int, seq_len: int, grad_bytes: int, grad_buckets: int = 1, act_bytes: int = 4,
                  recompute: bool = False) -> dict[str, dict[str, float]]:
     """Collectives of one ``sp_loss`` + backward + ``reduce_gradients`` step on one rank, per op (as ``summary``).
 
-    Activation collectives, per layer (n = batch * seq_len / sp tokens per rank, b = ``act_bytes``):
-    - "lss": one all-gather of [K; V] in forward, payload sp * n * 2 kv_heads * head_dim * b; one reduce-scatter of
+    Activation collectives, per layer (n = batch * seq_len / sp_size tokens per rank, b = ``act_bytes``):
+    - "lss": one all-gather of [K; V] in forward, payload sp_size * n * 2 kv_heads * head_dim * b; one reduce-scatter of
       the same size in backward;
     - "allgather": the same with [Q; K; V] (heads + 2 kv_heads);
     - "ulysses": four all-to-alls (Q, K, V, output) in forward and four in backward, K/V with kv heads replicated
-      up to sp when kv_heads < sp, plus an all-gather of the int64 position ids in every forward.
+      up to sp_size when kv_heads < sp_size, plus an all-gather of the int64 position ids in every forward.
     ``recompute`` (activation checkpointing, e.g. ``mst.apply``) runs every layer's forward twice. Every forward
     of the model adds one all-gather of each rank's (batch, tokens) shape (two int64, ``check_equal_shards``).
     The loss adds two scalar all-reduces over the SP group (valid-label count, int64; loss, fp32) and the
-    gradient reduction ``grad_buckets`` all-reduces of ``grad_bytes`` in all over the sp x dp grid.
+    gradient reduction ``grad_buckets`` all-reduces of ``grad_bytes`` in all over the sp_size x dp_size grid.
 
     Raises ValueError unless every count and size is a positive integer (``grad_bytes``: non-negative) and
-    ``seq_len`` splits evenly over ``sp``, as ``shard_batch`` requires.
+    ``seq_len`` splits evenly over ``sp_size``, as ``shard_batch`` requires.
     """
-    for name, value in (("sp", sp), ("dp", dp), ("layers", layers), ("heads", heads), ("kv_heads", kv_heads),
+    for name, value in (("sp_size", sp_size), ("dp_size", dp_size), ("layers", layers), ("heads", heads), ("kv_heads", kv_heads),
                         ("head_dim", head_dim), ("batch", batch), ("seq_len", seq_len),
                         ("grad_buckets", grad_buckets), ("act_bytes", act_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(grad_bytes, bool) or not isinstance(grad_bytes, int) or grad_bytes < 0:
         raise ValueError(f"grad_bytes must be a non-negative integer, got {grad_bytes!r}")
-    if seq_len % sp:
-        raise ValueError(f"seq_len {seq_len} is not divisible by sp={sp}: shards must be equal")
+    if seq_len % sp_size:
+        raise ValueError(f"seq_len {seq_len} is not divisible by sp_size={sp_size}: shards must be equal")
     ops: dict[str, dict[str, float]] = {}
 
     def add(op: str, calls: int, payload_each: float, group: int) -> None:
@@ -144,25 +144,25 @@ def predict_step(backend: str, *, sp: int, dp: int, layers: int, heads: int, kv_
             row["payload_bytes"] += calls * payload_each
             row["wire_bytes"] += calls * payload_each * wire_factor(op, group)
 
-    tokens = batch * seq_len // sp
+    tokens = batch * seq_len // sp_size
     forwards = layers * (2 if recompute else 1)
     if backend in ("lss", "allgather"):
         channels = 2 * kv_heads + (heads if backend == "allgather" else 0)
-        payload = sp * tokens * channels * head_dim * act_bytes
-        add("all_gather_into_tensor", forwards, payload, sp)
-        add("reduce_scatter_tensor", layers, payload, sp)
+        payload = sp_size * tokens * channels * head_dim * act_bytes
+        add("all_gather_into_tensor", forwards, payload, sp_size)
+        add("reduce_scatter_tensor", layers, payload, sp_size)
     elif backend == "ulysses":
-        kv = max(kv_heads, sp)
+        kv = max(kv_heads, sp_size)
         per_forward = (2 * heads + 2 * kv) * tokens * head_dim * act_bytes  # Q + K + V + output
-        add("all_to_all_single", 4 * forwards, per_forward / 4, sp)  # sizes differ per call; the sum is exact
-        add("all_to_all_single", 4 * layers, per_forward / 4, sp)
-        add("all_gather", forwards, sp * tokens * 8, sp)
+        add("all_to_all_single", 4 * forwards, per_forward / 4, sp_size)  # sizes differ per call; the sum is exact
+        add("all_to_all_single", 4 * layers, per_forward / 4, sp_size)
+        add("all_gather", forwards, sp_size * tokens * 8, sp_size)
     else:
         raise ValueError(f"unknown sequence-parallel backend {backend!r}")
-    add("all_gather_into_tensor", 1, sp * 2 * 8, sp)  # the shard-shape check
-    add("all_reduce", 1, 8, sp)
-    add("all_reduce", 1, 4, sp)
-    add("all_reduce", grad_buckets, grad_bytes / grad_buckets, sp * dp)
+    add("all_gather_into_tensor", 1, sp_size * 2 * 8, sp_size)  # the shard-shape check
+    add("all_reduce", 1, 8, sp_size)
+    add("all_reduce", 1, 4, sp_size)
+    add("all_reduce", grad_buckets, grad_bytes / grad_buckets, sp_size * dp_size)
     return ops
 
 

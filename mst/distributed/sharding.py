@@ -29,17 +29,17 @@ def _check_positions(position_ids: torch.Tensor, batch: int, seq: int) -> None:
                          "sequences need a varlen attention mask, which Ulysses does not carry)")
 
 
-def shard_batch(batch: Mapping[str, torch.Tensor], rank: int, sp: int, *, pad: bool = False,
+def shard_batch(batch: Mapping[str, torch.Tensor], rank: int, sp_size: int, *, pad: bool = False,
                 pad_token_id: int = 0, ignore_index: int = -100) -> dict[str, torch.Tensor]:
-    """Rank ``rank``'s slice of ``batch`` for an SP group of ``sp`` ranks.
+    """Rank ``rank``'s slice of ``batch`` for an SP group of ``sp_size`` ranks.
 
     batch: ``input_ids`` (B, S) and ``labels`` (B, S, unshifted, HF convention) or ``shift_labels`` (B, S,
     already shifted); optional ``position_ids`` (must be arange(S)) and ``attention_mask`` (must be all ones).
-    Returns ``input_ids``, ``position_ids`` (global) and ``shift_labels``, each (B, S'/sp) where S' is S, or S
-    rounded up to a multiple of ``sp`` when ``pad=True``. Pass the result to ``mst.distributed.sp_loss``.
+    Returns ``input_ids``, ``position_ids`` (global) and ``shift_labels``, each (B, S'/sp_size) where S' is S, or S
+    rounded up to a multiple of ``sp_size`` when ``pad=True``. Pass the result to ``mst.distributed.sp_loss``.
     """
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, sp)) or sp < 1 or not 0 <= rank < sp:
-        raise ValueError(f"need 0 <= rank < sp with integers, got rank={rank!r}, sp={sp!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, sp_size)) or sp_size < 1 or not 0 <= rank < sp_size:
+        raise ValueError(f"need 0 <= rank < sp_size with integers, got rank={rank!r}, sp_size={sp_size!r}")
     unknown = set(batch) - {"input_ids", "labels", "shift_labels", "position_ids", "attention_mask"}
     if unknown:
         raise ValueError(f"shard_batch: unsupported batch keys {sorted(unknown)}")
@@ -65,9 +65,9 @@ def shard_batch(batch: Mapping[str, torch.Tensor], rank: int, sp: int, *, pad: b
     if batch.get("position_ids") is not None:
         _check_positions(batch["position_ids"], b, s)
 
-    padded = -(-s // sp) * sp
+    padded = -(-s // sp_size) * sp_size
     if padded != s and not pad:
-        raise ValueError(f"sequence length {s} is not divisible by the SP size {sp}; trim or pad the batch, or "
+        raise ValueError(f"sequence length {s} is not divisible by the SP size {sp_size}; trim or pad the batch, or "
                          f"call shard_batch(..., pad=True) to pad to {padded} with ignored labels")
     extra = padded - s
     full = {
@@ -75,5 +75,5 @@ def shard_batch(batch: Mapping[str, torch.Tensor], rank: int, sp: int, *, pad: b
         "position_ids": torch.arange(padded, device=ids.device).expand(b, padded),
         "shift_labels": F.pad(shift, (0, extra), value=ignore_index),
     }
-    local = padded // sp
+    local = padded // sp_size
     return {k: v[:, rank * local:(rank + 1) * local].contiguous() for k, v in full.items()}

@@ -65,7 +65,7 @@ def reference(base, strategy, batches):
 def check_comm(name, comm, model, sp, shard, strategy, bucket_bytes):
     """The counted collectives equal the communication model's prediction (calls and wire bytes, per op)."""
     cfg = model.config
-    predicted = predict_step(sp.backend, sp=sp.size, dp=sp.dp_size, layers=cfg.num_hidden_layers,
+    predicted = predict_step(sp.backend, sp_size=sp.size, dp_size=sp.dp_size, layers=cfg.num_hidden_layers,
                              heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                              batch=shard["input_ids"].shape[0], seq_len=shard["input_ids"].shape[1] * sp.size,
                              grad_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),

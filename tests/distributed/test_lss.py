@@ -43,15 +43,15 @@ def test_wire_factors_follow_ring_algorithms() -> None:
 
 
 def test_prediction_scales_as_documented() -> None:
-    shape = dict(dp=1, layers=2, heads=8, kv_heads=2, head_dim=16, batch=1, seq_len=1024, grad_bytes=0)
-    lss = {sp: predict_step("lss", sp=sp, **shape) for sp in (2, 4)}
+    shape = dict(dp_size=1, layers=2, heads=8, kv_heads=2, head_dim=16, batch=1, seq_len=1024, grad_bytes=0)
+    lss = {sp: predict_step("lss", sp_size=sp, **shape) for sp in (2, 4)}
     gather = lambda p, op: p[op]["wire_bytes"]  # noqa: E731
     # LSS: each rank receives (P-1) segments of [K; V]: 1024/2 * 1 vs 1024/4 * 3 tokens,
     # x (2 + 2 kv heads) x 16 dims x 4 B x 2 layers: more per rank with more ranks at a fixed sequence;
     # plus the shard-shape check, (P-1) ranks' two int64
     assert gather(lss[2], "all_gather_into_tensor") == 512 * 4 * 16 * 4 * 2 + 1 * 16
     assert gather(lss[4], "all_gather_into_tensor") == 768 * 4 * 16 * 4 * 2 + 3 * 16
-    ulysses = predict_step("ulysses", sp=4, **shape)
+    ulysses = predict_step("ulysses", sp_size=4, **shape)
     assert ulysses["all_to_all_single"]["calls"] == 16  # 4 per layer forward, 4 per layer backward
 
 

@@ -46,13 +46,13 @@ def test_bucket_bytes_must_be_a_positive_integer(bucket_bytes) -> None:
         gradient_buckets([torch.zeros(3)], bucket_bytes)
 
 
-SHAPE = dict(sp=2, dp=1, layers=2, heads=4, kv_heads=2, head_dim=16, batch=1, seq_len=64, grad_bytes=0)
+SHAPE = dict(sp_size=2, dp_size=1, layers=2, heads=4, kv_heads=2, head_dim=16, batch=1, seq_len=64, grad_bytes=0)
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(sp=0), "sp must be a positive integer, got 0"),  # was ZeroDivisionError
+    (dict(sp_size=0), "sp_size must be a positive integer, got 0"),  # was ZeroDivisionError
     (dict(layers=-2), "layers must be a positive integer"),  # was a negative call count
-    (dict(seq_len=63), "seq_len 63 is not divisible by sp=2"),  # was floored
+    (dict(seq_len=63), "seq_len 63 is not divisible by sp_size=2"),  # was floored
     (dict(batch=1.5), "batch must be a positive integer"),
     (dict(grad_bytes=-8), "grad_bytes must be a non-negative integer"),
     (dict(grad_buckets=0), "grad_buckets must be a positive integer"),

@@ -169,16 +169,16 @@ def test_cpu_device_counts_offloaded_checkpoints():
 
 def test_sequence_parallel_divides_the_activations(llama3):
     one = plan(llama3, 16384, "mst", optimizer="adamw_in_backward")
-    four = plan(llama3, 4 * 16384, "mst", gpus=4, optimizer="adamw_in_backward")
+    four = plan(llama3, 4 * 16384, "mst", sp_size=4, optimizer="adamw_in_backward")
     static = one.breakdown["weights"] + one.breakdown["optimizer_state"]
     # same tokens per rank; the all-to-all adds at most one set of q, k, v buffers to a layer's peak
     assert 0 <= four.peak_bytes - one.peak_bytes <= 16384 * (4096 + 2 * 1024) * 2
     assert four.peak_bytes < plan(llama3, 4 * 16384, "mst", optimizer="adamw_in_backward").peak_bytes
     assert four.breakdown["weights"] + four.breakdown["optimizer_state"] == static  # replicated, no ZeRO
     with pytest.raises(ValueError, match="divide the attention heads"):
-        plan(llama3, 3 * 1024, "mst", gpus=3)
+        plan(llama3, 3 * 1024, "mst", sp_size=3)
     with pytest.raises(ValueError, match="not divisible"):
-        plan(llama3, 1001, "mst", gpus=2)
+        plan(llama3, 1001, "mst", sp_size=2)
 
 
 def test_max_seq_len_contract(llama3):
@@ -188,7 +188,7 @@ def test_max_seq_len_contract(llama3):
     budget = (80 - 1.5) * GiB
     assert plan(llama3, length, "mst", optimizer="adamw_in_backward").peak_bytes <= budget
     assert plan(llama3, length + 256, "mst", optimizer="adamw_in_backward").peak_bytes > budget
-    two = max_seq_len(llama3, "mst", gpus=2, **kw)
+    two = max_seq_len(llama3, "mst", sp_size=2, **kw)
     assert two % 512 == 0 and two > length  # more ranks, longer sequences
     assert max_seq_len(llama3, "vanilla", gpu_mem_gb=46, reserve_gb=0, optimizer="adamw_in_backward") == 0
     with pytest.raises(ValueError, match="weights and optimizer state alone"):

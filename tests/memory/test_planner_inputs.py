@@ -53,9 +53,9 @@ def test_final_softcap_must_be_positive_and_finite(cap: float) -> None:
 
 
 @pytest.mark.parametrize("field, value", [("seq_len", True), ("seq_len", 1024.0), ("seq_len", -1024),
-                                          ("batch_size", 0), ("sp", 0), ("lora_rank", 0), ("lora_rank", 2.5)])
+                                          ("batch_size", 0), ("sp_size", 0), ("lora_rank", 0), ("lora_rank", 2.5)])
 def test_workload_numbers_must_be_positive_integers(field: str, value) -> None:
-    with pytest.raises(ValueError, match=f"{field}( \\(gpus\\))? must be a positive integer"):
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
         Workload(**{"seq_len": 1024, field: value})
 
 
@@ -84,7 +84,7 @@ def test_budget_usable_bytes() -> None:
     (dict(granularity=2.5), "granularity must be a positive integer"),
     (dict(max_len=0), "max_len must be a positive integer"),
     (dict(max_len=100), "max_len 100 is less than one search step of 256 tokens"),
-    (dict(gpus=0), r"sp \(gpus\) must be a positive integer"),
+    (dict(sp_size=0), r"sp_size must be a positive integer"),
     (dict(grad_accumulation=1), "grad_accumulation is a flag"),  # a count, as make_train_step's accumulation_steps
 ])
 def test_max_seq_len_rejects_nonsense(llama3, kwargs: dict, message: str) -> None:
@@ -112,7 +112,7 @@ def test_search_reports_its_cap(llama3) -> None:
     assert not found.capped and found % 256 == 0
     huge = max_seq_len(llama3, "mst", gpu_mem_gb=1e9)
     assert huge == 1 << 23 and huge.capped  # nothing up to the cap overflows: the limit is at least the cap
-    small_cap = max_seq_len(llama3, "mst", gpus=2, gpu_mem_gb=80, max_len=5000)
+    small_cap = max_seq_len(llama3, "mst", sp_size=2, gpu_mem_gb=80, max_len=5000)
     assert small_cap == 4608 and small_cap.capped  # the largest multiple of 2 x 256 under the cap
     none = max_seq_len(llama3, "vanilla", gpu_mem_gb=46, reserve_gb=0, optimizer="adamw_in_backward")
     assert none == 0 and not none.capped

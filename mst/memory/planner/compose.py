@@ -69,7 +69,7 @@ class Plan:
     strategy: str = ""
     engine: str = ""
     model_type: str = ""
-    gpus: int = 1
+    sp_size: int = 1
     batch_size: int = 1
     dtype: str = ""
     optimizer: str = ""
@@ -157,7 +157,7 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
                  "activations": activations, "transient": total - weights - opt_state - grads_at_peak - activations}
     return Plan(peak_bytes=total, breakdown=breakdown, phase=name, phases={k: v[0] for k, v in phases.items()},
                 host_bytes=n_layers * host, seq_len=wl.seq_len, strategy=wl.strategy, engine=engine,
-                model_type=spec.model_type, gpus=wl.sp, batch_size=wl.batch_size, dtype=str(wl.dtype).split(".")[-1],
+                model_type=spec.model_type, sp_size=wl.sp_size, batch_size=wl.batch_size, dtype=str(wl.dtype).split(".")[-1],
                 optimizer=wl.optimizer, grad_accumulation=wl.grad_accumulation, device=wl.device)
 
 

@@ -8,8 +8,8 @@
 
 The planner predicts what tensors hold (the number ``torch.cuda.max_memory_allocated`` tracks, up to allocator
 rounding): on a GPU add the CUDA context, cuBLAS workspaces and fragmentation, hence ``reserve_gb``.
-Sequence parallelism (``gpus`` > 1, DeepSpeed-Ulysses): each rank holds S / gpus tokens for the MLP, norms, LM head
-and checkpoints, and attention runs on heads / gpus over the full sequence, which is the same number of bytes;
+Sequence parallelism (``sp_size`` > 1, DeepSpeed-Ulysses): each rank holds S / sp_size tokens for the MLP, norms, LM head
+and checkpoints, and attention runs on heads / sp_size over the full sequence, which is the same number of bytes;
 weights, gradients and optimizer state are replicated (no ZeRO). The all-to-all adds one set of q, k, v buffers to
 a layer's forward and backward peak.
 """
@@ -49,7 +49,7 @@ def _resolve(config: PretrainedConfig | str) -> PretrainedConfig:
     return config
 
 
-def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *, gpus: int = 1, gpu_mem_gb: float = 80.0,
+def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *, sp_size: int = 1, gpu_mem_gb: float = 80.0,
          optimizer: str = "adamw", dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False,
          engine: str = "analytic", batch_size: int = 1, device: str = "cuda",
          mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> Plan:
@@ -72,7 +72,7 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     Budget(gpu_mem_gb)  # validates the card Plan.fits will compare against
     config = _resolve(config)
     spec = ModelSpec.from_config(config)
-    wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp=gpus, dtype=dtype,
+    wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp_size=sp_size, dtype=dtype,
                   optimizer=optimizer, grad_accumulation=grad_accumulation, device=device,
                   mst_options=tuple(sorted((mst_options or {}).items())), quantization=quantization,
                   lora_rank=lora_rank)
@@ -87,7 +87,7 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
         layer, head = traced_profiles(config, wl)
     else:
         layer, head = analytic_profiles(spec, wl)
-    if gpus > 1:  # Ulysses all-to-all: q, k, v (and back the output) exist twice during the exchange
+    if sp_size > 1:  # Ulysses all-to-all: q, k, v (and back the output) exist twice during the exchange
         a2a = wl.act_bytes * wl.tokens * (spec.q_dim + 2 * spec.kv_dim)
         layer = dataclasses.replace(layer, fwd_peak=layer.fwd_peak + a2a, bwd_peak=layer.bwd_peak + a2a)
     result = compose(spec, wl, layer, head, engine)
@@ -95,12 +95,12 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     return result
 
 
-def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: int = 1, gpu_mem_gb: float = 80.0,
+def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, sp_size: int = 1, gpu_mem_gb: float = 80.0,
                 reserve_gb: float = DEFAULT_RESERVE_GB, optimizer: str = "adamw",
                 dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False, engine: str = "analytic",
                 batch_size: int = 1, granularity: int = 256, max_len: int = DEFAULT_MAX_LEN, device: str = "cuda",
                 mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> MaxSeqLen:
-    """Longest sequence (a multiple of ``granularity`` x ``gpus``, at most ``max_len``) whose planned peak fits
+    """Longest sequence (a multiple of ``granularity`` x ``sp_size``, at most ``max_len``) whose planned peak fits
     ``gpu_mem_gb`` GiB minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak
     grows with S). The result is an int whose ``capped`` is True when the search reached ``max_len`` without
     overflowing: then the true limit is at least that (``MaxSeqLen``). The step options are ``plan``'s
@@ -112,11 +112,11 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, gpus: 
     budget = Budget(gpu_mem_gb, reserve_gb)
     check_positive_int("granularity", granularity)
     check_positive_int("max_len", max_len)
-    check_positive_int("sp (gpus)", gpus)
-    step = granularity * gpus
+    check_positive_int("sp_size", sp_size)
+    step = granularity * sp_size
     if max_len < step:
-        raise ValueError(f"max_len {max_len} is less than one search step of {step} tokens (granularity x gpus)")
-    kwargs = dict(gpus=gpus, gpu_mem_gb=gpu_mem_gb, optimizer=optimizer, dtype=dtype,
+        raise ValueError(f"max_len {max_len} is less than one search step of {step} tokens (granularity x sp_size)")
+    kwargs = dict(sp_size=sp_size, gpu_mem_gb=gpu_mem_gb, optimizer=optimizer, dtype=dtype,
                   grad_accumulation=grad_accumulation, engine=engine, batch_size=batch_size, device=device,
                   mst_options=mst_options, quantization=quantization, lora_rank=lora_rank)
     config = _resolve(config)

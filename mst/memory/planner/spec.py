@@ -224,7 +224,7 @@ class Workload:
     seq_len: int
     strategy: str = "mst"
     batch_size: int = 1
-    sp: int = 1  # Ulysses sequence-parallel size (GPUs)
+    sp_size: int = 1  # Ulysses sequence-parallel size (ranks, one GPU each)
     dtype: torch.dtype = torch.bfloat16
     optimizer: str = "adamw"
     grad_accumulation: bool = False  # a flag, not a count: the step is a micro-step of an accumulation window
@@ -238,11 +238,11 @@ class Workload:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        for name, label in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("sp", "sp (gpus)"),
+        for name, label in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("sp_size", "sp_size"),
                             ("lora_rank", "lora_rank")):
             check_positive_int(label, getattr(self, name))
-        if self.seq_len % self.sp:
-            raise ValueError(f"seq_len {self.seq_len} is not divisible by the sequence-parallel size {self.sp}")
+        if self.seq_len % self.sp_size:
+            raise ValueError(f"seq_len {self.seq_len} is not divisible by the sequence-parallel size {self.sp_size}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -256,7 +256,7 @@ class Workload:
     @property
     def local_seq(self) -> int:
         """Tokens of the sequence one rank holds (MLP, norms, LM head and checkpoints run on this shard)."""
-        return self.seq_len // self.sp
+        return self.seq_len // self.sp_size
 
     @property
     def tokens(self) -> int:
@@ -286,8 +286,8 @@ class Workload:
 
     def check_heads(self, spec: ModelSpec) -> None:
         """Ulysses splits heads across ranks: both head counts must divide by the SP size."""
-        if spec.heads % self.sp or spec.kv_heads % self.sp:
-            raise ValueError(f"sequence-parallel size {self.sp} must divide the attention heads ({spec.heads}) "
+        if spec.heads % self.sp_size or spec.kv_heads % self.sp_size:
+            raise ValueError(f"sequence-parallel size {self.sp_size} must divide the attention heads ({spec.heads}) "
                              f"and the KV heads ({spec.kv_heads})")
 
 
