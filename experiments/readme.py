@@ -1,6 +1,6 @@
-"""README.md's result tables, generated from the committed results.
+"""The READMEs' result tables, generated from the committed results.
 
-    python -m experiments.readme            # rewrite every results block of README.md
+    python -m experiments.readme            # rewrite every results block of README.md and experiments/*/README.md
     python -m experiments.readme --check    # exit 1, naming each block that differs from its results file
 
 A block is
@@ -11,7 +11,8 @@ A block is
 
 and holds the named markdown file's tables (all of them, or the 1-based ``tables=`` list), each with the line of
 prose above it in the file as its caption; the file's own headings are left out (the README has its own).
-``tests/experiments/test_readme.py`` runs the check, so a README that disagrees with the results fails the suite.
+Paths are relative to the repository root. ``tests/experiments/test_readme.py`` runs the check, so a README that
+disagrees with the results fails the suite.
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ from pathlib import Path
 
 from .results import ROOT, write_text
 
-README = ROOT / "README.md"
+
+
+def readmes() -> list[Path]:
+    """README.md and every experiment's README."""
+    return [ROOT / "README.md", *sorted((ROOT / "experiments").glob("*/README.md"))]
 BLOCK = re.compile(r"(<!-- results: (?P<path>\S+)(?: tables=(?P<tables>[\d,]+))? -->\n)(?P<body>.*?)(<!-- /results -->)",
                    re.S)
 
@@ -71,14 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1)")
     args = parser.parse_args(argv)
-    text, changed = regenerate(README.read_text())
-    if args.check:
-        if changed:
-            sys.exit("README.md disagrees with the results in: " + "; ".join(changed)
-                     + " (python -m experiments.readme rewrites it)")
-        return
-    write_text(README, text)
-    print(f"README.md: {len(changed)} block(s) rewritten" + (f" ({'; '.join(changed)})" if changed else ""))
+    stale = []
+    for path in readmes():
+        text, changed = regenerate(path.read_text())
+        name = path.relative_to(ROOT)
+        stale += [f"{name}: {block}" for block in changed]
+        if changed and not args.check:
+            write_text(path, text)
+            print(f"{name}: {len(changed)} block(s) rewritten ({'; '.join(changed)})")
+    if args.check and stale:
+        sys.exit("the READMEs disagree with the results: " + "; ".join(stale) + " (python -m experiments.readme "
+                 "rewrites them)")
 
 
 if __name__ == "__main__":
