@@ -58,6 +58,8 @@ def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, s
         if rng is not None:
             rng.capture()
         z, _ = _finish_logits(_upcast(head_fn(hidden[s:e])), spec)
+        if rng is not None:
+            rng.settle()
         if losses is None:
             losses = z.new_zeros(hidden.shape[0])
         losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=spec.ignore_index, reduction="none")

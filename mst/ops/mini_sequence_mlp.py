@@ -38,6 +38,8 @@ def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int, rng: ChunkRNGStat
         if rng is not None:
             rng.capture()
         outs.append(fn(c))
+        if rng is not None:
+            rng.settle()
     out = torch.cat(outs, dim=0)
     return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -8,7 +8,8 @@ recompute computes the *same* output, and autograd runs backward outside the cal
   precision (fp32 instead of bf16) than the forward; the forward records the settings and backward re-enters them.
 - ``ChunkRNGStates``: a recompute that draws random numbers (``nn.Dropout``, a LoRA adapter's ``lora_dropout``)
   would draw fresh masks; the forward records the generator state in front of each chunk and backward replays it,
-  as ``torch.utils.checkpoint`` does, leaving the caller's RNG stream as the forward left it.
+  as ``torch.utils.checkpoint`` does, leaving the caller's RNG stream as the forward left it. A chunk whose forward
+  drew nothing keeps no state (the CPU generator's is 5 KB: one per chunk and layer would be a per-token cost).
 - ``ParamGrads``: the chunks' parameter gradients are summed over M chunks; for bf16/fp16 parameters the sum is
   kept in fp32 (``accumulation_dtype``, also used by the LM head's gradient buffers), so it is not a sum of
   rounded partial sums.
@@ -44,15 +45,28 @@ class ChunkRNGStates:
         self.devices = [] if device_type in ("cpu", "meta") else [like.get_device()]
         self.device_type = device_type if self.devices else "cpu"
         self.module = torch.get_device_module(device_type) if self.devices else None
-        self.states: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self.states: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = []
+
+    def _now(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return torch.get_rng_state(), [self.module.get_rng_state(d) for d in self.devices]
 
     def capture(self) -> None:
         """Record the state the next chunk's forward starts from."""
-        self.states.append((torch.get_rng_state(), [self.module.get_rng_state(d) for d in self.devices]))
+        self.states.append(self._now())
+
+    def settle(self) -> None:
+        """After that chunk's forward: drop its state if the forward drew no random numbers (most MLPs and heads),
+        since its recompute then needs no replay."""
+        (cpu, devices), (cpu_now, devices_now) = self.states[-1], self._now()
+        if torch.equal(cpu, cpu_now) and all(torch.equal(a, b) for a, b in zip(devices, devices_now)):
+            self.states[-1] = None
 
     @contextlib.contextmanager
     def replay(self, chunk: int) -> Iterator[None]:
         """Run the block from the state captured before forward chunk number ``chunk``; restore the caller's after."""
+        if self.states[chunk] is None:  # the forward drew nothing: neither does the recompute
+            yield
+            return
         cpu_state, device_states = self.states[chunk]
         with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
             torch.set_rng_state(cpu_state)
