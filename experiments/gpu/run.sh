@@ -25,9 +25,10 @@ if ((${#missing[@]})); then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${missing[@]}"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-for module in deepspeed peft bitsandbytes flash_attn pytest; do  # say what this image has (run.py records versions)
-  python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" \
-    || echo "[gpu] $module: not installed (no part needs it; pytest: part a is skipped without it)" >&2
+for module in pytest deepspeed peft bitsandbytes flash_attn; do  # say what this image lacks (run.py records versions)
+  python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is None)" && continue
+  if [ "$module" = pytest ]; then use="part a is skipped without it"; else use="no part needs it"; fi
+  echo "[gpu] $module: not installed ($use)" >&2
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the parts' budget (--budget-s, default 480 s) plus start-up stay under 9 min; past that, stop (finished parts kept)
