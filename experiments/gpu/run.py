@@ -206,15 +206,18 @@ def log(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ a. exactness
 def cuda_test_ids(root: Path = ROOT) -> list[str]:
-    """pytest node ids of the tests that run only on CUDA: test functions under tests/ with a ``skipif``
-    decorator on ``torch.cuda.is_available()`` (found in the source, so a new one is picked up)."""
-    ids = []
-    for path in sorted((root / "tests").rglob("test_*.py")):
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.FunctionDef) and any(
-                    "skipif" in (text := ast.unparse(d)) and "cuda.is_available" in text for d in node.decorator_list):
-                ids.append(f"{path.relative_to(root)}::{node.name}")
-    return ids
+    """pytest node ids of the tests that run only on CUDA: test functions under tests/ decorated with
+    ``skipif(not torch.cuda.is_available(), ...)`` (found in the source, so a new one is picked up)."""
+    def cuda_only(decorator: ast.expr) -> bool:
+        if not (isinstance(decorator, ast.Call) and decorator.args and ast.unparse(decorator.func).endswith("skipif")):
+            return False
+        condition = decorator.args[0]
+        return (isinstance(condition, ast.UnaryOp) and isinstance(condition.op, ast.Not)
+                and ast.unparse(condition.operand).endswith("cuda.is_available()"))
+
+    return [f"{path.relative_to(root)}::{node.name}" for path in sorted((root / "tests").rglob("test_*.py"))
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef) and any(cuda_only(d) for d in node.decorator_list)]
 
 
 def junit_counts(path: Path) -> dict:
