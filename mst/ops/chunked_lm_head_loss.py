@@ -64,13 +64,17 @@ def _chunks_with_labels(valid: torch.Tensor, chunk_tokens: int) -> Iterator[int]
 @functools.cache
 def _has_wide_gemm(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether this torch has a ``dtype`` GEMM on ``device`` that writes ``out_dtype`` (CUDA, torch >= 2.8): tried
-    once per device and dtypes, on 1 x 1 tensors; a refusal comes at dispatch."""
-    acc = torch.zeros(1, 1, dtype=out_dtype, device=device)
-    x = torch.zeros(1, 1, dtype=dtype, device=device)
-    try:
-        torch.addmm(acc, x, x, out_dtype=out_dtype, out=acc)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
+    once per device and dtypes, on real 1 x 1 tensors (outside any fake-tensor trace, whose kernels could answer
+    otherwise and would be cached); a refusal comes at dispatch."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        try:
+            acc = torch.zeros(1, 1, dtype=out_dtype, device=device)
+            x = torch.zeros(1, 1, dtype=dtype, device=device)
+            torch.addmm(acc, x, x, out_dtype=out_dtype, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            return False
     return True
 
 
