@@ -14,5 +14,7 @@ Shared by the experiments (one home each):
 - ``timing``: the round-robin timer (load on a shared machine hits every strategy alike);
 - ``sequence_parallel``: one sequence-parallel training step (Table 12, LSS);
 - ``data``: offline corpora, the GPT-2 BPE tokenizer, packing, LongAlpaca and the lm-eval task files (Table 7);
-- ``train``: Table 7's training loop with exact resume, checkpoints, run logs and evaluation.
+- ``train``: Table 7's training loop with exact resume, checkpoints, run logs and evaluation;
+- ``readme``: the READMEs' result tables, generated from the committed results.
+``max_length`` drives Tables 2-5; ``gpu/`` runs every GPU claim in one timed script (``bash experiments/gpu/run.sh``).
 """
