@@ -20,6 +20,7 @@ import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype gradients of ``dtype`` are summed in: fp32 for bf16/fp16, else ``dtype`` itself."""
@@ -48,7 +49,10 @@ class ChunkRNGStates:
         self.states: list[tuple[torch.Tensor, list[torch.Tensor]] | None] = []
 
     def _now(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return torch.get_rng_state(), [self.module.get_rng_state(d) for d in self.devices]
+        """The generators' states as real tensors, also inside a fake-tensor trace (the memory planner's), where
+        comparing fake copies would be data-dependent."""
+        with unset_fake_temporarily():
+            return torch.get_rng_state(), [self.module.get_rng_state(d) for d in self.devices]
 
     def capture(self) -> None:
         """Record the state the next chunk's forward starts from."""
@@ -58,7 +62,9 @@ class ChunkRNGStates:
         """After that chunk's forward: drop its state if the forward drew no random numbers (most MLPs and heads),
         since its recompute then needs no replay."""
         (cpu, devices), (cpu_now, devices_now) = self.states[-1], self._now()
-        if torch.equal(cpu, cpu_now) and all(torch.equal(a, b) for a, b in zip(devices, devices_now)):
+        with unset_fake_temporarily():
+            unchanged = torch.equal(cpu, cpu_now) and all(torch.equal(a, b) for a, b in zip(devices, devices_now))
+        if unchanged:
             self.states[-1] = None
 
     @contextlib.contextmanager
