@@ -31,6 +31,24 @@ def test_table_and_options(capsys):
     assert "max seq len" in out and "mst" in out and "ac" in out and "vanilla" not in out
 
 
+def test_norms_plans_the_mst_strategies_with_norms_in_mini_sequences(capsys):
+    """--norms (traced engine): the mst rows plan mst.apply(norms=True), longer than without; ac is unchanged."""
+    argv = ["plan", "--model", "llama3-8b", "--strategy", "ac", "--strategy", "mst", "--engine", "traced",
+            "--seq-len", "65536", "--json", "--optimizer", "adamw_in_backward"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["plans"]
+    assert main(argv + ["--norms"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["norms"] is True
+    assert result["plans"]["ac"]["peak_bytes"] == plain["ac"]["peak_bytes"]
+    assert result["plans"]["mst"]["peak_bytes"] < plain["mst"]["peak_bytes"]
+
+
+def test_norms_needs_the_traced_engine(capsys):
+    assert main(["plan", "--model", "llama3-8b", "--norms"]) == 2
+    assert "--engine traced" in capsys.readouterr().err
+
+
 def test_unknown_model_exits_2(capsys):
     assert main(["plan", "--model", "llama9-1t"]) == 2
     err = capsys.readouterr().err

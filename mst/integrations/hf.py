@@ -1,7 +1,8 @@
 """One call, ``mst.apply(model)``, turns an HF ``*ForCausalLM`` into an exact Mini-Sequence Transformer.
 
 What it changes, in place (idempotent; ``mst.revert`` undoes it):
-1. every decoder layer's MLP ``forward`` runs through ``mini_sequence_mlp`` (saves only its input);
+1. every decoder layer's MLP ``forward`` runs through ``mini_sequence_mlp`` (saves only its input); with
+   ``norms=True`` its hidden-state norms too;
 2. the model's ``forward``: with ``labels``, the decoder runs as usual but the LM-head + loss run through
    ``chunked_lm_head_loss`` and the returned ``logits`` is ``None`` (the point is never to build S x V logits);
    a head that is not a plain ``nn.Linear`` (a LoRA adapter, a custom forward, a hook) runs itself, chunk by chunk,
@@ -14,7 +15,7 @@ Why hook this way: we call the model's own forward with ``logits_to_keep`` = an 
 logits for zero positions (no memory) while a forward hook on the decoder hands us the final hidden states. No
 family's forward is copied, so attention masks, rotary embeddings, kwargs and future HF changes stay HF's.
 
-Each patched forward is a small object stored on the module it patches and holding that module (``_MLPForward``,
+Each patched forward is a small object stored on the module it patches and holding that module (``_MiniSequenceForward``,
 ``_CausalLMForward``), not a closure: ``copy.deepcopy`` (TRL's reference model, EMA copies) maps it to the copy's
 own module, and ``torch.save`` / pickle store it with the model. ``torch.compile`` wrappers are patched through to
 the module they compile; multimodal ``*ForConditionalGeneration`` models through their text config and language
@@ -49,6 +50,7 @@ class MsTOptions:
     mlp_chunk_tokens: int | None = None  # default: 2d tokens (paper: C = d; see default_mlp_chunk_tokens)
     mlp_chunks: int | None = None  # alternative: fixed number of mini-sequences M
     mlp_mode: str = "recompute"  # or "naive" (the official plain loop, for Table 15/16)
+    norms: bool = False  # the hidden-state norms (every layer's, the final one) in mini-sequences (MLP's chunk size)
     lm_head_chunk_tokens: int | None = None
     lm_head_chunks: int | None = None  # default: ceil(V / d), at least d / 4 tokens each
     lm_head_logits_budget_bytes: int | None = None
@@ -84,15 +86,29 @@ class _Patch:
         return type(self.module).forward(self.module, *args, **kwargs)
 
 
-class _MLPForward(_Patch):
-    """A decoder MLP run through ``mini_sequence_mlp`` (default mini-sequence: 2d tokens, d = its input width)."""
+class _MiniSequenceForward(_Patch):
+    """A token-wise module run through ``mini_sequence_mlp``: each decoder layer's MLP, and with ``norms=True`` its
+    hidden-state norms. Chunks of the MLP's mini-sequence size (default 2d tokens, d = the input width); a norm
+    always recomputes (``mlp_mode`` is the MLP's)."""
+
+    def __init__(self, module: nn.Module, opts: MsTOptions, mode: str = "recompute"):
+        super().__init__(module, opts)
+        self.mode = mode
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1] if x.numel() else 0
         chunk = resolve_chunk_tokens(n_tokens, self.opts.mlp_chunk_tokens, self.opts.mlp_chunks,
                                      default=default_mlp_chunk_tokens(x.shape[-1]))
         return mini_sequence_mlp(x, self.original, [p for p in self.module.parameters() if p.requires_grad],
-                                 chunk, mode=self.opts.mlp_mode)
+                                 chunk, mode=self.mode)
+
+
+def _hidden_state_norms(parent: nn.Module) -> list[nn.Module]:
+    """The norms a decoder layer (or the decoder, its final norm) applies to the hidden state: its direct children
+    that are a LayerNorm or an RMSNorm (HF names its own *RMSNorm / *LayerNorm in every family). Each normalises
+    over the last dim only, so it is token-wise; q/k norms sit inside the attention module and stay as they are."""
+    return [m for m in parent.children() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))
+            or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]
 
 
 class _CausalLMForward(_Patch):
@@ -308,6 +324,10 @@ def apply(model: nn.Module, **options) -> nn.Module:
       mlp_chunk_tokens (int) or mlp_chunks (int): mini-sequence size of the MLP (default: 2d tokens,
           over batch x seq; no split when there are at most that many tokens).
       mlp_mode: "recompute" (exact MsT, default) or "naive" (the official plain loop, saves everything).
+      norms (bool): also run the hidden-state norms (each layer's input / post-attention norms, Gemma's pre/post
+          feed-forward ones, the decoder's final norm) in mini-sequences of the MLP's size, saving only their
+          input: no full-sequence fp32 upcast is kept for backward (HF's RMSNorm saves an fp32 copy of its input
+          and the normalised x).
       lm_head_chunk_tokens, lm_head_chunks or lm_head_logits_budget_bytes: LM-head chunking
           (default M = ceil(V / d) chunks of at least d / 4 tokens).
       lm_head_weight_grad_block_rows (int): make the LM head's weight gradient in backward, this many vocabulary
@@ -333,14 +353,18 @@ def apply(model: nn.Module, **options) -> nn.Module:
     family, layers = _validate(target, opts)
     previous = getattr(target, "mst_options", None)
     revert(target)
-    check = (opts.mlp or opts.lm_head) and getattr(target.config, "model_type", None) not in FAMILIES
+    check = (opts.mlp or opts.lm_head or opts.norms) and getattr(target.config, "model_type", None) not in FAMILIES
     if check:
         ids = _probe_ids(target)
         expected = _probe_loss(target, ids)
     if opts.mlp:
         for layer in layers:
             mlp = getattr(layer, family.mlp_attr)
-            mlp.forward = _MLPForward(mlp, opts)
+            mlp.forward = _MiniSequenceForward(mlp, opts, opts.mlp_mode)
+    if opts.norms:
+        for parent in (*layers, target.get_decoder()):  # the decoder's own: the final norm
+            for norm in _hidden_state_norms(parent):
+                norm.forward = _MiniSequenceForward(norm, opts)
     if opts.lm_head:
         target.forward = _CausalLMForward(target, opts, family)
     if check:

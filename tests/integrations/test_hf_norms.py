@@ -1,0 +1,127 @@
+"""``mst.apply(model, norms=True)``: the hidden-state norms (every decoder layer's, the final one) run in
+mini-sequences too.
+
+Exact like the MLP (the same test matrix: every family, S in {1, 7, 125, 2*chunk+3}, batch 1/2, ignored labels,
+gradient accumulation, tied embeddings, softcapping via the Gemma rows, bf16 no worse than vanilla), composing with
+the other options, copies and sequence parallelism; and it saves what it promises: a patched norm keeps only its
+input for backward, where HF's RMSNorm keeps an fp32 copy of its input and the normalised x besides.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mst
+from mst.distributed import (reduce_gradients, setup_sequence_parallel, shard_batch, sp_loss,
+                             teardown_sequence_parallel)
+from tests.integrations.test_hf_bf16 import FACTOR, GRAD_EPS, LOSS_EPS, PER_PARAM_FACTOR, loss_and_grads
+from tests.integrations.test_hf_copies import pickle_round_trip
+from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_step, clone_model, make_input_ids, make_labels,
+                         patched_pair, rel_err, saved_tensor_bytes, tiny_model)
+
+NORMS = {"norms": True}
+SEQ_LENS = [1, 7, 125, 2 * MLP_CHUNK + 3]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("seq", SEQ_LENS)
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_loss_and_grads_equal(model_type, seq, batch):
+    ref, got = patched_pair(model_type, NORMS)
+    ids = make_input_ids(batch, seq)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "all_but_one" if batch == 1 else "prefix"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "cohere"])
+def test_gradient_accumulation_three_steps(model_type):
+    ref, got = patched_pair(model_type, NORMS)
+    micro = [make_input_ids(2, 40 + 7 * step, seed=10 + step) for step in range(3)]
+    micro = [(ids, make_labels(ids, "prefix")) for ids in micro]
+    num_items = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+    for ids, labels in micro:
+        assert_same_step(ref, got, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(num_items))
+
+
+def test_tied_embeddings():
+    ref, got = patched_pair("qwen2", NORMS, tie_word_embeddings=True)
+    ids = make_input_ids(2, 2 * MLP_CHUNK + 3)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+@pytest.mark.parametrize("apply_kwargs", [
+    {"mlp_mode": "naive"},  # the naive mode is the MLP's; norms still recompute
+    {"mlp_chunks": 3, "mlp_chunk_tokens": None},
+    {"offload_checkpoints": True},
+    {"checkpointing": False},
+    {"mlp": False, "lm_head": False},
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_composes_with_other_options(apply_kwargs):
+    ref, got = patched_pair("mistral", {**NORMS, **apply_kwargs})
+    ids = make_input_ids(2, 61)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere"])  # an RMSNorm, and Cohere's mean-centred LayerNorm
+def test_patched_norm_saves_only_its_input(model_type):
+    ref = tiny_model(model_type)
+    got = mst.apply(clone_model(ref), mlp=False, lm_head=False, checkpointing=False, norms=True, mlp_chunk_tokens=16)
+    x = torch.randn(2, 128, ref.config.hidden_size, requires_grad=True)
+    x_bytes = x.numel() * x.element_size()
+    saved = {}
+    for name, model in (("plain", ref), ("mst", got)):
+        norm = model.model.layers[0].input_layernorm
+        out, saved[name], largest = saved_tensor_bytes(lambda n=norm: n(x), exclude=list(norm.parameters()))
+        out.sum().backward()
+    assert saved["mst"] == x_bytes
+    assert saved["plain"] >= 2 * x_bytes  # HF's norm keeps at least a normalised copy besides its input
+
+
+def test_revert_and_copies():
+    ref = tiny_model("gemma2")
+    patched = mst.apply(clone_model(ref), mlp_chunk_tokens=MLP_CHUNK, norms=True)
+    patches = [n for n, m in patched.named_modules() if "forward" in m.__dict__]
+    assert sum("norm" in n for n in patches) == 4 * ref.config.num_hidden_layers + 1  # + the final norm
+    ids = make_input_ids(2, 2 * MLP_CHUNK + 3)
+    batch = {"input_ids": ids, "labels": make_labels(ids, "prefix")}
+    assert_same_step(ref, copy.deepcopy(patched), **batch)
+    assert all(p.grad is None for p in patched.parameters()), "gradients reached the original"
+    assert_same_step(clone_model(ref), pickle_round_trip(patched), **batch)
+    mst.revert(patched)
+    assert not [n for n, m in patched.named_modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "cohere"])
+def test_bf16_no_worse_than_vanilla(model_type):
+    ref = tiny_model(model_type)
+    vanilla = clone_model(ref).to(torch.bfloat16)
+    patched = mst.apply(clone_model(vanilla), mlp_chunk_tokens=16, norms=True)
+    ids = make_input_ids(2, 125)
+    labels = make_labels(ids, "prefix")
+    r_loss, r_grads = loss_and_grads(ref, ids, labels)
+    v_loss, v_grads = loss_and_grads(vanilla, ids, labels)
+    m_loss, m_grads = loss_and_grads(patched, ids, labels)
+    assert rel_err(m_loss, r_loss) <= FACTOR * rel_err(v_loss, r_loss) + LOSS_EPS
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in r_grads])  # noqa: E731
+    assert rel_err(flat(m_grads), flat(r_grads)) <= FACTOR * rel_err(flat(v_grads), flat(r_grads)) + GRAD_EPS
+    for name in r_grads:
+        m_err, v_err = rel_err(m_grads[name], r_grads[name]), rel_err(v_grads[name], r_grads[name])
+        assert m_err <= PER_PARAM_FACTOR * v_err + GRAD_EPS, f"{name}: MsT {m_err:.2e} vs vanilla {v_err:.2e}"
+
+
+def test_single_rank_sequence_parallel():
+    """The sequence-parallel loss path (shifted labels, the SP attention router) on a norms-patched model."""
+    ref, got = patched_pair("llama", NORMS)
+    ids = make_input_ids(2, 40)
+    labels = make_labels(ids, "prefix")
+    ref(input_ids=ids, labels=labels).loss.backward()
+    sp = setup_sequence_parallel(got, 1)
+    try:
+        loss = sp_loss(got, shard_batch({"input_ids": ids, "labels": labels}, sp.rank, sp.size))
+        loss.backward()
+        reduce_gradients(got)
+    finally:
+        teardown_sequence_parallel(got)
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
