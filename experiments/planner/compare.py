@@ -13,7 +13,9 @@ same memory as everything else, so they are added to the device peak before comp
 
 Part 2 (``limits``): ``mst.memory.max_seq_len`` for the full Llama3-8B and Llama2-7B configs on 80 GiB (bf16, both
 optimizers, both engines), beside the paper's Table 2 values, and the planner's breakdown at our aims (MsT without
-offload >= 110K tokens; MsT + checkpoint offload + optimizer-in-backward >= 600K tokens) naming the blocking term.
+offload >= 110K tokens; MsT + checkpoint offload + optimizer-in-backward >= 600K tokens) naming the blocking term,
+and the same limits with the hidden-state norms in mini-sequences (``mst.apply(norms=True)``, traced engine) with
+the bytes per token of the peak's variable terms before and after.
 Writes results/compare.json, results/limits.json, results/summary.md and paper_figures/planner_errors.png,
 paper_figures/planner_limits.png.
 """
@@ -49,6 +51,8 @@ AIMS = {"mst": ("adamw_in_backward", 110_000), "mst_offload": ("adamw_in_backwar
 # the official code's MsT (docs/paper.md §5.2 item 5): its MLP "mini-sequences" are a plain loop under autograd, so the
 # recomputed layer keeps every chunk's intermediates; mini-s chunks the LM head into M = 64 pieces
 OFFICIAL = {"mlp_mode": "naive", "lm_head_chunks": 64}
+NORMS = {"norms": True}  # mst.apply(norms=True): the hidden-state norms in mini-sequences too
+VARIABLE = ("activations", "transient")  # the terms of a plan that grow with the sequence
 
 
 def measure(config, seq_len: int, strategy: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -112,6 +116,16 @@ def limits(args) -> dict:
                              engine="traced", granularity=1024, mst_options=OFFICIAL)
         out[model]["mst"]["adamw_in_backward"]["traced_official_code"] = {
             "max_seq_len": length, "granularity": 1024, "search_s": round(time.perf_counter() - start, 2)}
+    for model in ("llama3-8b", "llama2-7b"):  # norms in mini-sequences, beside the traced engine's plain MsT
+        for strategy in ("mst", "mst_offload"):
+            start = time.perf_counter()
+            kwargs = dict(gpu_mem_gb=args.gpu_mem_gb, optimizer="adamw_in_backward", engine="traced",
+                          mst_options=NORMS)
+            length = max_seq_len(load_config(model), strategy, **kwargs)
+            at = plan(load_config(model), length, strategy, **kwargs)
+            out[model][strategy]["adamw_in_backward"]["traced_norms"] = {
+                "max_seq_len": length, "peak_bytes": at.peak_bytes, "phase": at.phase, "breakdown": at.breakdown,
+                "search_s": round(time.perf_counter() - start, 2)}
     for strategy, (optimizer, target) in AIMS.items():  # what blocks our aims, per engine
         config = load_config("llama3-8b")
         for engine in ENGINES:
@@ -163,6 +177,19 @@ def summary(rows: list[dict], lim: dict | None, gpu_mem_gb: float) -> str:
             a = per_engine["analytic"]
             lines += ["", f"Named terms of the {a['phase']} phase at {a['target']:,} tokens ({strategy}, GiB): "
                       + "; ".join(f"{k} {v}" for k, v in a["terms"].items()) + "."]
+        lines += ["", "## Hidden-state norms in mini-sequences", "",
+                  "MsT with the hidden-state norms in mini-sequences too (`mst.apply(norms=True)`; traced engine, "
+                  "optimizer-in-backward, one 80 GiB GPU); variable bytes per token = the plan's activations + "
+                  "transient at its peak / the length (weights and optimizer state left out).", "",
+                  "| model | strategy | max seq len | with norms | peak phase (with norms) | variable bytes/token | "
+                  "with norms |", "|---|---|---|---|---|---|---|"]
+        for model in ("llama3-8b", "llama2-7b"):
+            for strategy in ("mst", "mst_offload"):
+                c = lim[model][strategy]["adamw_in_backward"]
+                before, after = c["traced"], c["traced_norms"]
+                per_token = [sum(x["breakdown"][k] for k in VARIABLE) / x["max_seq_len"] for x in (before, after)]
+                lines.append(f"| {model} | {strategy} | {before['max_seq_len']:,} | {after['max_seq_len']:,} | "
+                             f"{after['phase']} | {per_token[0] / 1e3:.1f} KB | {per_token[1] / 1e3:.1f} KB |")
     return "\n".join(lines) + "\n"
 
 

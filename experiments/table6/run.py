@@ -56,7 +56,9 @@ GPU_MEM_GB = 80.0
 VARIANTS = {"vanilla": ("vanilla", {}), "ac": ("ac", {}), "mst": ("mst", {}),
             "mst_no_ac": ("mst", {"checkpointing": False}),
             # attribution (--variants): MsT with one of its two ops left unchunked
-            "mst_mlp_unsplit": ("mst", {"mlp_chunks": 1}), "mst_lm_head_unchunked": ("mst", {"lm_head_chunks": 1})}
+            "mst_mlp_unsplit": ("mst", {"mlp_chunks": 1}), "mst_lm_head_unchunked": ("mst", {"lm_head_chunks": 1}),
+            # the cost of mst.apply(norms=True): hidden-state norms in mini-sequences too (--variants mst mst_norms)
+            "mst_norms": ("mst", {"norms": True})}
 # (model, full-size sequence length, batch, variants): the paper's rows, plus the equal-batch comparisons
 GROUPS = (
     ("llama3-8b", 8192, 1, ("vanilla", "ac", "mst")),
@@ -88,6 +90,9 @@ def build(name: str, args):
 
 
 def scaled_seq(name: str, full_seq: int, args) -> int:
+    """The group's length at the run's scale (full size on CUDA, S x d_run / d_full on CPU), or ``--seq-len``."""
+    if args.seq_len is not None:
+        return args.seq_len
     return full_seq if args.device == "cuda" else max(16, round(full_seq * args.hidden / load_config(name).hidden_size))
 
 
@@ -255,7 +260,7 @@ def ratios(results: dict) -> dict:
     for g in results["groups"]:
         cells = g["cells"]
         for a, b in (("mst", "ac"), ("mst", "vanilla"), ("mst_no_ac", "vanilla"), ("mst_no_ac", "ac"),
-                     ("mst_mlp_unsplit", "ac"), ("mst_lm_head_unchunked", "ac")):
+                     ("mst_mlp_unsplit", "ac"), ("mst_lm_head_unchunked", "ac"), ("mst_norms", "mst")):
             if "tokens_per_s" in cells.get(a, {}) and "tokens_per_s" in cells.get(b, {}):
                 out[f"{a}/{b} {g['model']} b={g['batch']}"] = cells[a]["tokens_per_s"] / cells[b]["tokens_per_s"]
     lb = results["larger_batch"]
@@ -276,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="time only these groups (default: all)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                    help="time these strategies in every selected group instead of the group's own")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="time every selected group at this length instead of its scaled paper length (e.g. long "
+                        "enough that every chunked op splits: --variants mst mst_norms --seq-len 4096)")
     args = p.parse_args(argv)
     out = resolve_device(args)
     results = run(args)

@@ -41,6 +41,20 @@ def test_table6_groups_and_attribution_variants(tmp_path):
     assert {"mst_mlp_unsplit/ac llama3-8b b=2", "mst_lm_head_unchunked/ac llama3-8b b=2"} <= set(results["ratios"])
 
 
+@pytest.mark.slow
+def test_norms_variant_at_a_chosen_length(tmp_path):
+    """--variants mst mst_norms --seq-len N: the cost of norms in mini-sequences, at a length where they split."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "experiments.table6.run", "--hidden", "32", "--layers", "2",
+                    "--steps", "1", "--no-larger-batch", "--groups", "llama3-8b/8192/1", "--variants", "mst",
+                    "mst_norms", "--seq-len", "200", "--out", str(tmp_path), "--figures", str(tmp_path)],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    results = json.loads((tmp_path / "table6_cpu.json").read_text())
+    assert results["groups"][0]["seq_len"] == 200
+    assert list(results["groups"][0]["cells"]) == ["mst", "mst_norms"]
+    assert "mst_norms/mst llama3-8b b=1" in results["ratios"]
+
+
 def test_markdown_and_ratios_without_the_larger_batch():
     """--no-larger-batch (the scale check at d=512) leaves the equal-batch table and ratios only."""
     from experiments.table6.plot import markdown
@@ -76,7 +90,7 @@ def test_op_width_writes_ratios(tmp_path):
 
 @pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--warmup", "-1"], "--warmup"),
                                         (["--steps", "nan"], "--steps"), (["--layers", "0"], "--layers"),
-                                        (["--hidden", "-8"], "--hidden")])
+                                        (["--hidden", "-8"], "--hidden"), (["--seq-len", "0"], "--seq-len")])
 def test_table6_rejects_nonsense_flags(argv, flag, capsys, tmp_path):
     """Argparse error naming the flag, exit 2, before anything runs or is written."""
     from experiments.table6 import run
