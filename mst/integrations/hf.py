@@ -269,9 +269,24 @@ def _check_exact(model: nn.Module, ids: torch.Tensor, expected: torch.Tensor) ->
             f"know. The model is left unpatched. Supported families: {', '.join(sorted(FAMILIES))}.")
 
 
+class _WhileRecording:
+    """The ``gradient_checkpointing`` flag ``mst.apply`` sets: true only while autograd records.
+
+    HF drops the KV cache of any forward in train mode while the flag is true, so ``generate()`` on a model left in
+    ``train()`` produced wrong tokens after the first (as HF's own checkpointing does). A no-grad forward saves
+    nothing for backward, so there is nothing to checkpoint: under ``no_grad`` / ``inference_mode`` the flag reads
+    false and HF keeps the cache. A class at module level, so a patched model still pickles."""
+
+    def __bool__(self) -> bool:
+        return torch.is_grad_enabled()
+
+    def __repr__(self) -> str:
+        return "mst: True while autograd records"
+
+
 def _enable_checkpointing(model: nn.Module, offload: bool) -> tuple[tuple[str, bool | None, Callable | None], ...]:
-    """Turn on non-reentrant checkpointing in every module HF checkpoints; return their previous state as
-    (name, flag, function), None for "not set on the instance", for ``revert``.
+    """Turn on non-reentrant checkpointing (``_WhileRecording``) in every module HF checkpoints; return their
+    previous state as (name, flag, function), None for "not set on the instance", for ``revert``.
 
     Set directly rather than by HF's ``activation_checkpointing_enable``: that also hooks a local function on the
     input embeddings (needed by reentrant checkpointing only) which makes the model unpicklable and which its
@@ -283,7 +298,7 @@ def _enable_checkpointing(model: nn.Module, offload: bool) -> tuple[tuple[str, b
     if offload:
         func = offloading_checkpoint(func)
     for _, m in modules:
-        m.gradient_checkpointing, m._gradient_checkpointing_func = True, func
+        m.gradient_checkpointing, m._gradient_checkpointing_func = _WhileRecording(), func
     return before
 
 

@@ -60,6 +60,23 @@ def test_generate_after_apply(model_type):
     torch.testing.assert_close(generated, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_generate_in_train_mode_keeps_the_cache(model_type):
+    """``generate()`` on a patched model left in train mode: checkpointing is on only while autograd records, so
+    HF keeps the KV cache and every token equals eval-mode generation (HF's own checkpointing drops the cache and
+    gets tokens after the first wrong); training right after still checkpoints and stays exact."""
+    ref = tiny_model(model_type).eval()
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=4).train()
+    prompt = make_input_ids(2, 40)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(got.generate(prompt, **kwargs), ref.generate(prompt, **kwargs), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(got(prompt).logits, ref(prompt).logits)
+    assert got.train().is_activation_checkpointing
+    ids = make_input_ids(2, 35)
+    assert_same_step(ref.train(), got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
 def test_apply_is_idempotent():
     """Applying twice equals applying once: patches are replaced, never stacked on top of each other."""
     ref = tiny_model("qwen2")
