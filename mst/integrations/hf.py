@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.utils.generic import TransformersKwargs
 
 from ..ops import (chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp,
                    resolve_chunk_tokens)
@@ -39,6 +40,9 @@ from .families import FAMILIES, Family, family_of, text_config
 from .offload import offloading_checkpoint
 
 PROBE_TOKENS = 8  # tokens of the apply-time exactness check of families outside the table
+# keyword arguments every HF causal LM's forward takes through **kwargs, besides its named parameters; any other
+# keyword belongs to a wrapper installed on the instance before ``apply`` (see ``_Patch``)
+HF_KWARGS = set(TransformersKwargs.__annotations__) | {"return_dict", "shift_labels", "ignore_index"}
 
 
 @dataclass(frozen=True)
@@ -71,18 +75,25 @@ class MsTOptions:
 
 class _Patch:
     """A patched ``forward`` stored on ``module``; ``__wrapped__`` is the class forward it replaces, so
-    ``inspect.signature`` (used by HF's Trainer and ``generate``) sees the original parameters."""
+    ``inspect.signature`` (used by HF's Trainer and ``generate``) sees the original parameters.
+
+    A forward already set on the instance (TRL's fused LM head, accelerate's autocast wrapper) is kept as ``inner``:
+    the patch runs it where it would run the class forward, and ``revert`` puts it back."""
 
     def __init__(self, module: nn.Module, opts: MsTOptions):
         self.module, self.opts = module, opts
+        self.inner: Callable | None = module.__dict__.get("forward")
 
     @property
     def __wrapped__(self) -> Callable:
         return type(self.module).forward.__get__(self.module)
 
     def original(self, *args, **kwargs):
-        """The class forward, called as a plain function: under ``torch.compile`` a bound ``module.forward`` is
-        looked up again by attribute, which would find this patch and recurse."""
+        """The instance forward that was there before, else the class forward called as a plain function: under
+        ``torch.compile`` a bound ``module.forward`` is looked up again by attribute, which would find this patch
+        and recurse."""
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
 
@@ -117,10 +128,15 @@ class _CausalLMForward(_Patch):
     def __init__(self, module: nn.Module, opts: MsTOptions, family: Family):
         super().__init__(module, opts)
         self.family = family
-        self.positional = [name for name, p in inspect.signature(type(module).forward).parameters.items()
+        params = inspect.signature(type(module).forward).parameters
+        self.positional = [name for name, p in params.items()
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # without `self`
+        self.known = set(params) | HF_KWARGS
 
     def __call__(self, *args, **kwargs):
+        if self.inner is not None and not kwargs.keys() <= self.known:
+            # an argument of the wrapper's own (TRL's fused_lm_head=True): the wrapper's feature, run as it is
+            return self.inner(*args, **kwargs)
         model, original, opts = self.module, self.original, self.opts
         kwargs.update(zip(self.positional, args))  # bind positionals by name so `labels` is found wherever passed
         labels = kwargs.pop("labels", None)
@@ -313,9 +329,14 @@ def _restore_checkpointing(model: nn.Module, before: tuple[tuple[str, bool | Non
 
 
 def _remove_patches(model: nn.Module) -> None:
+    """Take every patch off, putting back the instance forward it found (``_Patch.inner``), if any."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _Patch):
-            del module.forward
+        patch = module.__dict__.get("forward")
+        if isinstance(patch, _Patch):
+            if patch.inner is None:
+                del module.forward
+            else:
+                module.forward = patch.inner
 
 
 def revert(model: nn.Module) -> nn.Module:
