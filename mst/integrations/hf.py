@@ -301,21 +301,39 @@ class _WhileRecording:
 
 
 def _enable_checkpointing(model: nn.Module, offload: bool) -> tuple[tuple[str, bool | None, Callable | None], ...]:
-    """Turn on non-reentrant checkpointing (``_WhileRecording``) in every module HF checkpoints; return their
-    previous state as (name, flag, function), None for "not set on the instance", for ``revert``.
+    """Turn on non-reentrant checkpointing (``_WhileRecording``) in every module HF checkpoints, and keep it on
+    through HF's own enable (``_CheckpointingSetter``); return the modules' previous state as (name, flag,
+    function), None for "not set on the instance", for ``revert``.
 
     Set directly rather than by HF's ``activation_checkpointing_enable``: that also hooks a local function on the
     input embeddings (needed by reentrant checkpointing only) which makes the model unpicklable and which its
     ``disable`` leaves in place."""
-    modules = _checkpointable(model)
     before = tuple((name, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
-                   for name, m in modules)
-    func = functools.partial(checkpoint, use_reentrant=False)
-    if offload:
-        func = offloading_checkpoint(func)
-    for _, m in modules:
-        m.gradient_checkpointing, m._gradient_checkpointing_func = _WhileRecording(), func
+                   for name, m in _checkpointable(model))
+    model._set_gradient_checkpointing = _CheckpointingSetter(model, offload)
+    model._set_gradient_checkpointing()
     return before
+
+
+class _CheckpointingSetter:
+    """Stands in for HF's ``_set_gradient_checkpointing`` on a patched model, so mst's checkpointing survives
+    ``gradient_checkpointing_enable``: HF's Trainer and TRL call it when training starts (SFTConfig by default),
+    and HF's setter would replace mst's checkpoint function (silently dropping ``offload_checkpoints``) and its
+    ``_WhileRecording`` flag. Enabling (any arguments) keeps mst's non-reentrant checkpointing, which the
+    mini-sequence MLP's early stop relies on; disabling is HF's. ``revert`` removes it."""
+
+    def __init__(self, model: nn.Module, offload: bool):
+        self.model, self.offload = model, offload
+
+    def __call__(self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, **kwargs) -> None:
+        if not enable:
+            type(self.model)._set_gradient_checkpointing(self.model, enable=False, **kwargs)
+            return
+        func = functools.partial(checkpoint, use_reentrant=False)
+        if self.offload:
+            func = offloading_checkpoint(func)
+        for _, m in _checkpointable(self.model):
+            m.gradient_checkpointing, m._gradient_checkpointing_func = _WhileRecording(), func
 
 
 def _restore_checkpointing(model: nn.Module, before: tuple[tuple[str, bool | None, Callable | None], ...]) -> None:
@@ -345,6 +363,7 @@ def revert(model: nn.Module) -> nn.Module:
     if getattr(target, "mst_options", None) is None:
         return model
     _remove_patches(target)
+    target.__dict__.pop("_set_gradient_checkpointing", None)
     before = target.__dict__.pop("_mst_checkpointing_before", None)
     if before is not None:
         _restore_checkpointing(target, before)

@@ -26,8 +26,8 @@ def dataset() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
 
 
-def train(model, out_dir) -> dict[str, torch.Tensor]:
-    args = TrainingArguments(
+def train(model, out_dir, checkpointing: bool = False) -> dict[str, torch.Tensor]:
+    args = TrainingArguments(gradient_checkpointing=checkpointing,
         output_dir=str(out_dir), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
         max_steps=STEPS, optim="sgd", learning_rate=0.5, max_grad_norm=1.0, seed=0, data_seed=0, use_cpu=True,
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
@@ -47,3 +47,19 @@ def test_trainer_with_gradient_accumulation_matches_unpatched(model_type, tmp_pa
     assert any(not torch.equal(expected[n], initial[n]) for n in initial), "training did not move the weights"
     for name, value in expected.items():
         assert_exact(trained[name], value, name)
+
+
+def test_trainer_checkpointing_keeps_mst_offload(tmp_path):
+    """TrainingArguments(gradient_checkpointing=True) makes the Trainer call gradient_checkpointing_enable at train
+    start; mst's offloading checkpoint stays in place and training is still exact."""
+    from mst.integrations.offload import OffloadingCheckpoint
+
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=16, offload_checkpoints=True)
+    expected = train(ref, tmp_path / "ref", checkpointing=True)
+    trained = train(got, tmp_path / "mst", checkpointing=True)
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadingCheckpoint)
+               for m in got.modules() if hasattr(m, "_gradient_checkpointing_func"))
+    for name, value in expected.items():
+        assert_exact(trained[name], value, name)
+

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mst
+from mst.integrations.offload import OffloadingCheckpoint
 from tests.utils import assert_same_step, clone_model, make_input_ids, make_labels, tiny_model
 
 
@@ -67,3 +68,23 @@ def test_offloaded_bytes_leave_the_gpu(recorded):
     assert len(recorded) == model.config.num_hidden_layers
     for device, packed in recorded:
         assert device.type == "cuda" and packed.device.type == "cpu" and packed.is_pinned()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gradient_checkpointing_kwargs": {"use_reentrant": True}}],
+                         ids=["default", "reentrant_asked"])
+def test_offload_survives_hf_checkpointing_enable(recorded, kwargs):
+    """HF's Trainer and TRL call ``gradient_checkpointing_enable`` when training starts: mst's offloading,
+    non-reentrant checkpointing stays (HF's setter used to replace it silently); disable and revert are HF's /
+    the user's state again."""
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=16, offload_checkpoints=True)
+    got.gradient_checkpointing_enable(**kwargs)
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadingCheckpoint)
+               for m in got.modules() if hasattr(m, "_gradient_checkpointing_func"))
+    ids = make_input_ids(2, 40)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
+    assert len(recorded) == ref.config.num_hidden_layers  # one layer input per decoder layer went to the host
+    got.gradient_checkpointing_disable()
+    assert not got.is_activation_checkpointing
+    mst.revert(got)
+    assert "_set_gradient_checkpointing" not in got.__dict__
