@@ -16,8 +16,9 @@ a killed run keeps what finished. A part that fails is recorded with its traceba
                  stopped after 3 probes
   throughput  d. Table 6: MsT vs AC tokens/s at 8K, batch 1 and 2, timed round-robin
   lm_head     e. Tables 13-16: the LM-head op's peak at S = 80K (HF's loss and MsT's chunks) against the planner
-  ladder      e. the long-context ladder's next rung (MsT + checkpoint offload) at moderate lengths, and every
-                 rung's measured bytes per token against the planner's
+  ladder      e. the long-context ladder's next rungs (MsT + checkpoint offload; MsT with the norms in
+                 mini-sequences, without and with offload) at moderate lengths, and every rung's measured bytes per
+                 token against the planner's (the traced engine for the norms rungs)
 
 Full size: random weights, bf16, optimizer-in-backward (the paper's max-length setting), batch 1 unless said, the
 GPU's memory capped at 80 GiB (``torch.cuda.set_per_process_memory_fraction``) on bigger cards. One model lives at
@@ -64,6 +65,8 @@ GiB = 1024 ** 3
 MODEL = "llama3-8b"
 OPTIMIZER = "adamw_in_backward"  # the paper's setting of Tables 2, 6 and 9-11
 STRATEGIES = ("vanilla", "ac", "mst")
+# ladder rungs that are a strategy with extra mst.apply options (planned by the traced engine, which models them)
+VARIANTS = {"mst_norms": ("mst", {"norms": True}), "mst_norms_offload": ("mst_offload", {"norms": True})}
 CAP_GIB = 80.0  # bigger cards are capped to the paper's A100 80GB
 MAX_PROBES = 3  # trials per max-length cell
 MIN_START = 0.25  # a part starts only with at least this fraction of its share left
@@ -102,14 +105,17 @@ def full_setting() -> Setting:
                    exact_options={}, validation={"vanilla": (1024, 2048, 4096), "ac": (4096, 8192, 16384),
                                                  "mst": (8192, 16384, 32768)},
                    granule=256, throughput_seq=8192, batches=(1, 2), rounds=3, lm_head_seq=80_000,
-                   ladder=(("mst_offload", (16384, 32768)),), budget_s=480.0)
+                   ladder=(("mst_offload", (16384, 32768)), ("mst_norms", (32768, 65536)),
+                           ("mst_norms_offload", (32768, 65536))), budget_s=480.0)
 
 
 def smoke_setting() -> Setting:
     return Setting(device="cpu", dtype=torch.float32, config=model_config(MODEL, "cpu", hidden=32, layers=1),
                    warmup_seq=16, exact_seq=64, exact_options={"mlp_chunk_tokens": 16},
                    validation={s: (32, 64) for s in STRATEGIES}, granule=16, throughput_seq=64, batches=(1, 2),
-                   rounds=2, lm_head_seq=256, ladder=(("mst_offload", (32, 64)),), budget_s=600.0,
+                   rounds=2, lm_head_seq=256,
+                   ladder=(("mst_offload", (32, 64)), ("mst_norms", (32, 64)), ("mst_norms_offload", (32, 64))),
+                   budget_s=600.0,
                    emulated_bytes=2 << 20)
 
 
@@ -159,7 +165,8 @@ class TrainModel:
             self.step, self.track = make_train_step(self.model, optimizer=OPTIMIZER, batch_size=batch)
             self.step(s.warmup_seq)
             self.batch = batch
-        prepare(mst.revert(self.model), strategy)
+        strategy, options = VARIANTS.get(strategy, (strategy, {}))
+        prepare(mst.revert(self.model), strategy, **options)
         return self.step, self.track
 
     def factory(self, batch: int, strategy: str) -> Callable[[int], tuple[Callable[[], object], list]]:
@@ -290,7 +297,7 @@ def measure_row(run: Run, strategy: str, seq: int) -> dict:
     the planner's prediction for the same step. Running out of memory is a row with the error."""
     s = run.setting
     trial, breakdown = run_trial(run.models.factory(1, strategy), seq, None, run.device, warmup_steps=0)
-    planned = plan(s.config, seq, strategy, optimizer=OPTIMIZER, dtype=s.dtype, device=run.device.type)
+    planned = plan(s.config, seq, **planned_as(strategy), optimizer=OPTIMIZER, dtype=s.dtype, device=run.device.type)
     row = {"strategy": strategy, "seq_len": seq, "measured_bytes": trial.peak_bytes,
            "tracker_bytes": sum(breakdown.values()) or None, "breakdown": breakdown,
            "step_time_s": trial.step_time_s, "error": trial.error, "planned_bytes": planned.peak_bytes,
@@ -299,6 +306,14 @@ def measure_row(run: Run, strategy: str, seq: int) -> dict:
         row["error_pct"] = 100.0 * (planned.peak_bytes - trial.peak_bytes) / trial.peak_bytes
     log(f"{strategy} S={seq}: measured {_size(trial.peak_bytes)}, planned {_size(planned.peak_bytes)}")
     return row
+
+
+def planned_as(label: str) -> dict:
+    """The planner's arguments for a strategy or a ``VARIANTS`` label (traced engine with its options)."""
+    if label not in VARIANTS:
+        return {"strategy": label}
+    strategy, options = VARIANTS[label]
+    return {"strategy": strategy, "engine": "traced", "mst_options": options}
 
 
 def measure_rows(run: Run, lengths: dict[str, tuple[int, ...]], rows: list, save: Callable[[], None]) -> None:
@@ -335,7 +350,7 @@ def slopes(rows: list[dict], run: Run) -> dict:
         tokens = b["seq_len"] - a["seq_len"]
         measured = (b["measured_bytes"] - a["measured_bytes"]) / tokens
         planned = (b["planned_bytes"] - a["planned_bytes"]) / tokens
-        limit = max_seq_len(run.setting.config, strategy, optimizer=OPTIMIZER, dtype=run.setting.dtype,
+        limit = max_seq_len(run.setting.config, **planned_as(strategy), optimizer=OPTIMIZER, dtype=run.setting.dtype,
                             device=run.device.type, granularity=run.setting.granule, **run.planner_card())
         out[strategy] = {"from": a["seq_len"], "to": b["seq_len"], "measured_bytes_per_token": measured,
                          "planned_bytes_per_token": planned, "ratio": measured / planned if planned else None,

@@ -44,6 +44,10 @@ def test_smoke_runs_every_part_and_writes_nothing_committed(tmp_path):
     assert tests["returncode"] == 0 and tests["skipped"] == len(tests["tests"]) == len(gpu.cuda_test_ids())  # no GPU
     assert all(c["no_worse_than_vanilla"] for c in results["exactness"]["bf16"])
     assert all(r["measured_bytes"] for r in results["validation"]["rows"] + results["ladder"]["rows"])
+    ladder = results["ladder"]
+    assert {r["strategy"] for r in ladder["rows"]} == {"mst_offload", "mst_norms", "mst_norms_offload"}
+    assert all(abs(r["error_pct"]) < 5 for r in ladder["rows"] if r["strategy"].startswith("mst_norms"))  # traced
+    assert set(ladder["slopes"]) >= {"mst_norms", "mst_norms_offload"}
     assert all(len(c["trials"]) <= gpu.MAX_PROBES and c["max_seq_len"] > 0
                for c in results["max_length"]["cells"].values())
     assert all(g["mst/ac"] for g in results["throughput"]["groups"])
