@@ -12,6 +12,10 @@ import math
 
 import torch
 
+# the most elements one chunk's logits may have: 32-bit signed offsets still index every element, so no kernel that
+# indexes with int32 (a known failure past 2^31 elements: Liger-Kernel's issue 803, FlashAttention-2) sees more
+MAX_CHUNK_ELEMENTS = 2 ** 31 - 1
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: ``divisor`` is a tensor, compared by identity
 class LMHeadSpec:
@@ -41,7 +45,9 @@ def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, ch
     (measured in experiments/table13_16: same max lengths; a d-token floor would cost Gemma-2-9B a third of its max length).
 
     Exactly one of ``chunk_tokens`` / ``num_chunks`` / ``logits_budget_bytes`` may be given; the byte budget bounds
-    one chunk's fp32 logits (C x V x 4 bytes).
+    one chunk's fp32 logits (C x V x 4 bytes). The default and ``num_chunks`` rules never give a chunk whose logits
+    exceed ``MAX_CHUNK_ELEMENTS`` (Llama3's V: from 536K tokens on, 16,743 tokens a chunk instead of N / 32); an
+    explicit ``chunk_tokens`` or byte budget is taken as given.
     """
     given = [v is not None for v in (chunk_tokens, num_chunks, logits_budget_bytes)]
     if sum(given) > 1:
@@ -55,12 +61,13 @@ def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, ch
             raise ValueError(f"logits_budget_bytes={logits_budget_bytes} is below one token's fp32 logits "
                              f"({vocab_size * 4} bytes)")
         return int(logits_budget_bytes // (vocab_size * 4))
+    cap = max(1, MAX_CHUNK_ELEMENTS // vocab_size) if vocab_size > 0 else n_tokens
     if num_chunks is None:
         num_chunks = math.ceil(vocab_size / hidden_size)
-        return max(1, math.ceil(n_tokens / num_chunks), math.ceil(hidden_size / 4))
+        return min(max(1, math.ceil(n_tokens / num_chunks), math.ceil(hidden_size / 4)), cap)
     if num_chunks <= 0:
         raise ValueError(f"num_chunks must be a positive integer, got {num_chunks}")
-    return max(1, math.ceil(n_tokens / num_chunks))
+    return min(max(1, math.ceil(n_tokens / num_chunks)), cap)
 
 
 def _finish_logits(z: torch.Tensor, spec: LMHeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mst.ops import chunked_lm_head_loss, lm_head_chunk_tokens
+from mst.ops.lm_head_common import MAX_CHUNK_ELEMENTS
 from tests.utils import MaxNumelMode, assert_exact
 
 B, S, D, V = 2, 37, 16, 97  # B*S = 74 tokens; default M = ceil(97 / 16) = 7 chunks of 11 (remainder 8)
@@ -188,6 +189,16 @@ def test_default_chunks_on_short_input():
 def test_default_chunk_rule_llama3_shapes(n_tokens, expected):
     """M = ceil(V/d) = 32 chunks for Llama3-8B (V=128256, d=4096), but never below d/4 = 1024 tokens a chunk."""
     assert lm_head_chunk_tokens(n_tokens, 128256, 4096) == expected
+
+
+@pytest.mark.parametrize("n_tokens", [2 ** 19, 536_000, 2 ** 20, 2 ** 22])
+@pytest.mark.parametrize("rule", [{}, {"num_chunks": 2}])
+def test_chunk_logits_stay_indexable_with_int32(n_tokens, rule):
+    """Past 2^31 elements int32-indexed kernels fail (Liger issue 803); the derived chunk rules keep one chunk's
+    logits below that at any length (Llama3: V = 128256, d = 4096), and the chunks still cover every token."""
+    chunk = lm_head_chunk_tokens(n_tokens, 128256, 4096, **rule)
+    uncapped = -(-n_tokens // rule.get("num_chunks", 32))  # M = ceil(V / d) = 32 by default
+    assert chunk == min(uncapped, MAX_CHUNK_ELEMENTS // 128256) and chunk * 128256 <= MAX_CHUNK_ELEMENTS
 
 
 @pytest.mark.parametrize("num_chunks", [4, 8, 64])
