@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
-                             _loss_divisor, _reduce, lm_head_chunk_tokens)
+                             _loss_divisor, _reduce, lm_head_chunk_tokens, losses_from_log_probs, token_losses)
 from .recompute import accumulation_dtype, autocast_state
 
 Grads = tuple[torch.Tensor | None, ...]
@@ -126,20 +126,20 @@ class _Gradients:
 
 def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                   spec: LMHeadSpec) -> torch.Tensor:
-    """Per-token cross-entropy (0 where ignored), one chunk's logits at a time: the loss alone."""
+    """Per-token losses (0 where ignored), one chunk's logits at a time: the loss alone."""
     valid = labels != spec.ignore_index
     losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in _chunks_with_labels(valid, spec.chunk_tokens):
         e = s + spec.chunk_tokens
         z, _ = _chunk_logits(hidden[s:e], weight, bias, spec)
-        losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=spec.ignore_index, reduction="none")
+        losses[s:e] = token_losses(z, labels[s:e], spec)
     return losses
 
 
 def _chunk_losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 labels: torch.Tensor, spec: LMHeadSpec, grads: _Gradients,
                                 lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy as ``_chunk_losses``, and each chunk's gradients of the summed loss over the divisor
+    """Per-token losses as ``_chunk_losses``, and each chunk's gradients of the summed loss over the divisor
     (upstream gradient 1) added to ``grads`` while the chunk's logits exist; with ``lse``, each token's
     log-sum-exp is written there. Returns the losses and the per-token weights of the logits gradient (1 / divisor,
     0 on ignored tokens)."""
@@ -150,13 +150,14 @@ def _chunk_losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias
     for s in _chunks_with_labels(valid, spec.chunk_tokens):
         e = s + spec.chunk_tokens
         z, t = _chunk_logits(hidden[s:e], weight, bias, spec)
+        chunk_lse = torch.logsumexp(z, dim=-1) if lse is not None or spec.z_loss else None
         if lse is not None:
-            lse[s:e] = torch.logsumexp(z, dim=-1)
+            lse[s:e] = chunk_lse
         logp = torch.log_softmax(z, dim=-1)  # = F.cross_entropy, keeping log p for the gradient
         del z
-        losses[s:e] = F.nll_loss(logp, labels[s:e], ignore_index=spec.ignore_index, reduction="none")
+        losses[s:e] = losses_from_log_probs(logp, labels[s:e], spec, chunk_lse)
         with torch.autocast(hidden.device.type, enabled=False):  # gradients in full precision, as in backward
-            dz = _logits_gradient(logp.exp_(), t, safe_labels[s:e], tok_w[s:e], spec)
+            dz = _logits_gradient(logp.exp_(), t, safe_labels[s:e], tok_w[s:e], spec, lse=chunk_lse)
             grads.add_chunk(s, hidden[s:e], dz)
         del logp, dz, t
     return losses, tok_w
@@ -195,7 +196,7 @@ def _weight_grad_by_vocab_blocks(hidden: torch.Tensor, weight: torch.Tensor, bia
             hits = (labels[s:e] >= v0) & (labels[s:e] < v1)
             cols = (labels[s:e] - v0).clamp_(0, v1 - v0 - 1)
             with torch.autocast(hidden.device.type, enabled=False):
-                dz = _logits_gradient(dz, t, cols, tok_w[s:e], spec, hits.to(dz.dtype))
+                dz = _logits_gradient(dz, t, cols, tok_w[s:e], spec, hits.to(dz.dtype), lse[s:e], weight.shape[0])
                 _addmm_wide(acc, dz.to(weight.dtype).t(), hidden[s:e])
             del z, t, dz
         grad_w[v0:v1] = acc.mul_(grad_out)
@@ -254,9 +255,11 @@ class PerTokenLMHeadLoss(torch.autograd.Function):
             e = s + spec.chunk_tokens
             with torch.autocast(**ctx.autocast):  # same logits precision as the forward
                 z, t = _chunk_logits(hidden[s:e], weight, bias, spec)
+            chunk_lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
             dz = torch.softmax(z, dim=-1)
             del z
-            grads.add_chunk(s, hidden[s:e], _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e], spec))
+            grads.add_chunk(s, hidden[s:e], _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e], spec,
+                                                             lse=chunk_lse))
             del dz, t
         return (*grads.release(), None, None)
 
@@ -315,7 +318,8 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          ignore_index: int = -100, reduction: str = "mean",
                          num_items_in_batch: int | torch.Tensor | None = None, logit_scale: float | None = None,
                          final_logit_softcapping: float | None = None,
-                         weight_grad_block_rows: int | None = None) -> torch.Tensor:
+                         weight_grad_block_rows: int | None = None, label_smoothing: float = 0.0,
+                         z_loss: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (already aligned, i.e. shifted), chunked.
 
     hidden: (..., d); labels: (...) with ``ignore_index`` for positions that do not count.
@@ -326,6 +330,8 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     two), so evaluate under ``torch.no_grad()``, as HF's Trainer and lm-eval do, or that work is wasted.
     weight_grad_block_rows: make the weight gradient in backward, this many vocabulary rows at a time, instead of
     accumulating it in a V x d fp32 buffer during the forward (saves V x d x 4 bytes; costs one more logits matmul).
+    label_smoothing: as ``F.cross_entropy``'s (eps in [0, 1]); z_loss: adds z_loss x logsumexp(logits)^2 per valid
+    token (Liger-Kernel's ``lse_square_scale``), reduced with the cross-entropy (``mst.ops.lm_head_common``).
     """
     _check_reduction(reduction)
     if weight_grad_block_rows is not None and (not isinstance(weight_grad_block_rows, int)
@@ -339,6 +345,7 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                                  chunk_tokens=chunk_tokens, num_chunks=num_chunks,
                                  logits_budget_bytes=logits_budget_bytes)
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping,
-                      _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch), weight_grad_block_rows)
+                      _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch), weight_grad_block_rows,
+                      label_smoothing, z_loss)
     out = _lm_head_loss(flat_h, weight, bias, flat_y, spec, reduction == "none")
     return out.view(labels.shape) if reduction == "none" else out

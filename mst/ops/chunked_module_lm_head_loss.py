@@ -23,15 +23,14 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
-                             _loss_divisor, _reduce, lm_head_chunk_tokens)
+                             _loss_divisor, _reduce, lm_head_chunk_tokens, token_losses)
 from .recompute import ChunkRNGStates, ParamGrads, autocast_state
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
-_N_ARGS = 10  # ChunkedModuleLMHeadLossFunction.forward's inputs before *params
+_N_ARGS = 6  # ChunkedModuleLMHeadLossFunction.forward's inputs before *params
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -50,8 +49,8 @@ def _labelled_chunks(valid: torch.Tensor, chunk_tokens: int) -> list[int]:
 
 def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: Sequence[int],
                   spec: LMHeadSpec, rng: ChunkRNGStates | None) -> torch.Tensor:
-    """Per-token cross-entropy (0 where ignored), one chunk's logits at a time; call without grad. ``rng`` records
-    each chunk's starting RNG state for the recompute."""
+    """Per-token losses (0 where ignored), one chunk's logits at a time; call without grad. ``rng`` records each
+    chunk's starting RNG state for the recompute."""
     losses = None
     for s in starts:
         e = s + spec.chunk_tokens
@@ -62,7 +61,7 @@ def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, s
             rng.settle()
         if losses is None:
             losses = z.new_zeros(hidden.shape[0])
-        losses[s:e] = F.cross_entropy(z, labels[s:e], ignore_index=spec.ignore_index, reduction="none")
+        losses[s:e] = token_losses(z, labels[s:e], spec)
         del z
     return losses if losses is not None else hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
 
@@ -77,10 +76,9 @@ class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: list[int],
-                chunk_tokens: int, ignore_index: int, logit_scale: float | None, softcap: float | None,
-                per_token: bool, divisor: int | torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+                spec: LMHeadSpec, per_token: bool, *params: torch.Tensor) -> torch.Tensor:
         """The loss, each chunk under no_grad (the head's graph is not kept), its RNG state recorded."""
-        spec = LMHeadSpec(chunk_tokens, ignore_index, logit_scale, softcap, divisor)
+        divisor = spec.divisor
         ctx.head_fn, ctx.params, ctx.starts, ctx.spec, ctx.per_token = head_fn, params, starts, spec, per_token
         ctx.autocast, ctx.rng = autocast_state(hidden.device.type), ChunkRNGStates(hidden)
         ctx.save_for_backward(hidden, labels)
@@ -108,9 +106,10 @@ class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
                 logits = ctx.head_fn(hc)
             with torch.autocast(hidden.device.type, enabled=False):  # the loss gradient in full precision
                 z, t = _finish_logits(_upcast(logits), spec)
+                chunk_lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
                 dz = torch.softmax(z, dim=-1)
                 del z
-                dz = _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e].to(dz.dtype), spec)
+                dz = _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e].to(dz.dtype), spec, lse=chunk_lse)
             inputs = ([hc] if want_h else []) + param_grads.wanted
             # dz in the logits' dtype: the precision of vanilla's logits gradient
             grads = torch.autograd.grad(logits, inputs, dz.to(logits.dtype), allow_unused=True)
@@ -129,8 +128,8 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
                                 chunk_tokens: int | None = None, num_chunks: int | None = None,
                                 logits_budget_bytes: int | None = None, ignore_index: int = -100,
                                 reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
-                                logit_scale: float | None = None,
-                                final_logit_softcapping: float | None = None) -> torch.Tensor:
+                                logit_scale: float | None = None, final_logit_softcapping: float | None = None,
+                                label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``head_fn(hidden)`` against ``labels`` (already aligned, i.e. shifted), chunked, where
     ``head_fn`` is any token-wise head (e.g. the lm_head module, so its LoRA adapter, subclass forward and hooks
     run). Same loss semantics as ``chunked_lm_head_loss``.
@@ -144,7 +143,8 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
     reduction="mean": sum / ``num_items_in_batch`` if given, else sum / (number of valid labels) -- HF's
     ``ForCausalLMLoss`` semantics, including NaN (with zero gradients) when every label is ignored and no
     ``num_items_in_batch`` is given. reduction="sum": summed loss; reduction="none": per-token losses shaped like
-    ``labels`` (0 where ignored). The loss is fp32 (float64 for a float64 head).
+    ``labels`` (0 where ignored). The loss is fp32 (float64 for a float64 head). label_smoothing, z_loss: as
+    ``chunked_lm_head_loss``'s.
     """
     _check_reduction(reduction)
     flat_h, flat_y = _flatten_tokens(hidden, labels)
@@ -155,15 +155,14 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
                                  chunk_tokens=chunk_tokens, num_chunks=num_chunks,
                                  logits_budget_bytes=logits_budget_bytes)
     divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
+    spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor,
+                      label_smoothing=label_smoothing, z_loss=z_loss)
     starts = _labelled_chunks(flat_y != ignore_index, chunk)
     params = tuple(params)
     per_token = reduction == "none"
     if torch.is_grad_enabled() and (flat_h.requires_grad or any(p.requires_grad for p in params)):
-        out = ChunkedModuleLMHeadLossFunction.apply(flat_h, flat_y, head_fn, starts, chunk, ignore_index,
-                                                    logit_scale, final_logit_softcapping, per_token, divisor,
-                                                    *params)
+        out = ChunkedModuleLMHeadLossFunction.apply(flat_h, flat_y, head_fn, starts, spec, per_token, *params)
     else:  # nothing needs a gradient: the loss alone, no RNG states kept
-        spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor)
         with torch.no_grad():
             losses = _chunk_losses(flat_h, flat_y, head_fn, starts, spec, None)
         out = _reduce(losses, per_token, divisor)

@@ -2,8 +2,14 @@
 
 ``chunked_lm_head_loss`` (logits from the head's weight) and ``chunked_module_lm_head_loss`` (logits from the head
 module) compute the same loss: per chunk of tokens, fp32 logits, optional logit scaling and final-logit
-softcapping (Gemma-2/3), cross-entropy, and for gradients the closed-form d(loss)/d(logits). Both read their
-settings from one ``LMHeadSpec`` and follow HF's ``ForCausalLMLoss`` for reductions and the divisor.
+softcapping (Gemma-2/3), cross-entropy (optionally label-smoothed, plus a z-loss), and for gradients the
+closed-form d(loss)/d(logits). Both read their settings from one ``LMHeadSpec`` and follow HF's
+``ForCausalLMLoss`` for reductions and the divisor.
+
+Per valid token, with p = softmax(z), lse = logsumexp(z), V the vocabulary, eps the label smoothing and lam the
+z-loss scale (Liger-Kernel's ``lse_square_scale``, PaLM's z-loss):
+    loss = (1 - eps) * -log p[y] + eps * mean_v(-log p[v]) + lam * lse^2     (torch's ``label_smoothing``)
+    d loss / d z = (1 + 2 lam lse) * p - (1 - eps) * onehot(y) - eps / V
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 # the most elements one chunk's logits may have: 32-bit signed offsets still index every element, so no kernel that
 # indexes with int32 (a known failure past 2^31 elements: Liger-Kernel's issue 803, FlashAttention-2) sees more
@@ -35,6 +42,19 @@ class LMHeadSpec:
     softcap: float | None = None
     divisor: torch.Tensor | int | None = None
     weight_grad_block_rows: int | None = None
+    label_smoothing: float = 0.0  # eps above
+    z_loss: float = 0.0  # lam above
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing <= 1.0:  # also refuses NaN
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
+        if not 0.0 <= self.z_loss < math.inf:
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss!r}")
+
+    @property
+    def plain(self) -> bool:
+        """Plain cross-entropy: no label smoothing, no z-loss."""
+        return not self.label_smoothing and not self.z_loss
 
 
 def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, chunk_tokens: int | None = None,
@@ -81,13 +101,42 @@ def _finish_logits(z: torch.Tensor, spec: LMHeadSpec) -> tuple[torch.Tensor, tor
     return t * spec.softcap, t
 
 
+def token_losses(z: torch.Tensor, labels: torch.Tensor, spec: LMHeadSpec) -> torch.Tensor:
+    """Per-token loss of one chunk's finished fp32 logits ``z`` (0 where ignored)."""
+    if spec.plain:
+        return F.cross_entropy(z, labels, ignore_index=spec.ignore_index, reduction="none")
+    lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
+    return losses_from_log_probs(torch.log_softmax(z, dim=-1), labels, spec, lse)
+
+
+def losses_from_log_probs(logp: torch.Tensor, labels: torch.Tensor, spec: LMHeadSpec,
+                          lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token loss from one chunk's log-probabilities (0 where ignored); ``lse`` is needed for a z-loss."""
+    losses = F.nll_loss(logp, labels, ignore_index=spec.ignore_index, reduction="none")
+    if spec.plain:
+        return losses
+    valid = labels != spec.ignore_index
+    if spec.label_smoothing:
+        losses = (1.0 - spec.label_smoothing) * losses - spec.label_smoothing * logp.mean(dim=-1) * valid
+    if spec.z_loss:
+        losses = losses + spec.z_loss * lse.square() * valid
+    return losses
+
+
 def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, tok_w: torch.Tensor,
-                     spec: LMHeadSpec, hits: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """d(loss)/d(raw logits) of one chunk, in place on its softmax ``dz``: (softmax - onehot) x per-token weight,
-    times the softcap and scale derivatives. ``labels`` are clamped (ignored tokens have weight 0); ``hits`` is 1
-    where a token's label column lies in ``dz`` (a vocabulary block may not hold it)."""
+                     spec: LMHeadSpec, hits: torch.Tensor | float = 1.0, lse: torch.Tensor | None = None,
+                     vocab: int | None = None) -> torch.Tensor:
+    """d(loss)/d(raw logits) of one chunk, in place on its softmax ``dz``: (softmax - onehot) x per-token weight
+    (with label smoothing and z-loss: the module docstring's formula), times the softcap and scale derivatives.
+    ``labels`` are clamped (ignored tokens have weight 0); ``hits`` is 1 where a token's label column lies in ``dz``
+    (a vocabulary block may not hold it; ``vocab`` is then the whole vocabulary's size); ``lse`` each token's
+    log-sum-exp, needed for a z-loss."""
     rows = torch.arange(dz.shape[0], device=dz.device)
-    dz[rows, labels] -= hits
+    if spec.z_loss:
+        dz.mul_(lse.mul(2.0 * spec.z_loss).add_(1.0)[:, None])
+    dz[rows, labels] -= hits * (1.0 - spec.label_smoothing) if spec.label_smoothing else hits
+    if spec.label_smoothing:
+        dz.sub_(spec.label_smoothing / (vocab or dz.shape[1]))
     dz.mul_(tok_w[:, None])
     if t is not None:  # d(cap * tanh(z/cap))/dz = 1 - tanh^2
         dz.mul_(t.square_().neg_().add_(1.0))
