@@ -36,7 +36,9 @@ def loss_and_grads(model, ids, labels):
     *[(t, {}) for t in ALL_TYPES],
     # the LM head's weight gradient made by vocabulary blocks in backward (Gemma-2: with softcapping)
     *[(t, {"lm_head_weight_grad_block_rows": 40}) for t in ("llama", "gemma2")],
-], ids=lambda v: "blocked_dW" if isinstance(v, dict) and v else ("" if isinstance(v, dict) else v))
+    # the hidden-state norms in mini-sequences too (an RMSNorm, Gemma's (1 + w) norm, Cohere's LayerNorm)
+    *[(t, {"norms": True}) for t in ("llama", "gemma2", "cohere")],
+], ids=lambda v: "-".join(v) if isinstance(v, dict) else v)
 def test_bf16_no_worse_than_vanilla(model_type, options):
     ref = tiny_model(model_type)
     vanilla = clone_model(ref).to(torch.bfloat16)
