@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -61,6 +61,7 @@ class MsTOptions:
     lm_head_weight_grad_block_rows: int | None = None  # None: V x d fp32 accumulator filled in the forward
     checkpointing: bool = True
     offload_checkpoints: bool = False
+    eval_logits: bool = False  # with labels but no gradient (evaluation): the unpatched forward, logits included
 
     def __post_init__(self) -> None:
         """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
@@ -139,6 +140,8 @@ class _CausalLMForward(_Patch):
             return self.inner(*args, **kwargs)
         model, original, opts = self.module, self.original, self.opts
         kwargs.update(zip(self.positional, args))  # bind positionals by name so `labels` is found wherever passed
+        if opts.eval_logits and not torch.is_grad_enabled():  # evaluation: HF's own loss and logits
+            return original(**kwargs)
         labels = kwargs.pop("labels", None)
         shift_labels = kwargs.pop("shift_labels", None)
         if labels is None and shift_labels is None:
@@ -389,6 +392,9 @@ def apply(model: nn.Module, **options) -> nn.Module:
           rows at a time, instead of a V x d fp32 accumulator (-2.1 GB for Llama3-8B; one more logits matmul).
       checkpointing (bool): activation checkpointing of every decoder layer (default True; needs model.train()).
       offload_checkpoints (bool): keep the checkpointed layer inputs on CPU between forward and backward.
+      eval_logits (bool): a call with labels but no gradient (``Trainer.evaluate``, ``torch.no_grad()``) runs the
+          unpatched forward, so it returns HF's loss *and* the logits ``compute_metrics`` needs (S x V logits, in
+          evaluation only; default False: logits=None whenever labels are given).
     A wrong type (``checkpointing="no"``, ``mlp_chunk_tokens=True``) raises TypeError.
 
     With labels, ``model(...)`` returns the exact loss and ``logits=None``; without labels, normal logits.
@@ -420,8 +426,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
         for parent in (*layers, target.get_decoder()):  # the decoder's own: the final norm
             for norm in _hidden_state_norms(parent):
                 norm.forward = _MiniSequenceForward(norm, opts)
-    if opts.lm_head:
-        target.forward = _CausalLMForward(target, opts, family)
+    if opts.lm_head:  # checked (below) with eval_logits off: the no-grad check must run mst's own loss
+        target.forward = _CausalLMForward(target, replace(opts, eval_logits=False), family)
     if check:
         try:
             _check_exact(target, ids, expected)
@@ -430,6 +436,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
             if previous is not None:  # a re-apply that fails keeps the patch the model had
                 apply(target, **asdict(previous))
             raise
+    if opts.lm_head:
+        target.forward.opts = opts
     if opts.checkpointing:
         target._mst_checkpointing_before = _enable_checkpointing(target, opts.offload_checkpoints)
     target.mst_options = opts

@@ -124,6 +124,12 @@ def test_unknown_family_with_unlisted_logit_scaling_is_refused():
     assert after == before
 
 
+def test_unknown_family_is_checked_on_mst_loss_also_with_eval_logits():
+    """eval_logits=True runs HF's forward under no_grad; the apply-time check must still compare mst's loss."""
+    with pytest.raises(ValueError, match="does not reproduce"):
+        mst.apply(scaled_logits_model(4.0), eval_logits=True)
+
+
 def test_unknown_family_that_checks_out_is_exact():
     model = scaled_logits_model(1.0)
     before = model_state(model)

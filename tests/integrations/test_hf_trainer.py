@@ -63,3 +63,31 @@ def test_trainer_checkpointing_keeps_mst_offload(tmp_path):
     for name, value in expected.items():
         assert_exact(trained[name], value, name)
 
+
+
+def accuracy(pred) -> dict[str, float]:
+    """Next-token accuracy from the logits (predictions[:, :-1] against labels[:, 1:]), as a compute_metrics."""
+    predicted = torch.as_tensor(pred.predictions).argmax(-1)[:, :-1]
+    labels = torch.as_tensor(pred.label_ids)[:, 1:]
+    valid = labels != -100
+    return {"accuracy": ((predicted == labels) & valid).sum().item() / valid.sum().item()}
+
+
+def evaluate(model, out_dir) -> dict[str, float]:
+    args = TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=BATCH, use_cpu=True,
+                             report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, eval_dataset=dataset(), data_collator=default_data_collator,
+                      compute_metrics=accuracy)
+    return trainer.evaluate()
+
+
+def test_eval_logits_give_compute_metrics_its_logits(tmp_path):
+    """mst.apply(eval_logits=True): Trainer.evaluate (no grad) runs the unpatched forward, so compute_metrics gets
+    the logits and the metrics and loss equal the unpatched model's; training still runs mst's chunked loss."""
+    ref = tiny_model("llama")
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=16, eval_logits=True)
+    expected, metrics = evaluate(ref, tmp_path / "ref"), evaluate(got, tmp_path / "mst")
+    assert metrics["eval_accuracy"] == expected["eval_accuracy"]
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+    ids = make_input_ids(2, 40)
+    assert got.train()(input_ids=ids, labels=ids).logits is None  # with gradients: mst's chunked loss
