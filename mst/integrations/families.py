@@ -33,6 +33,7 @@ class Family:
     mlp_attr: str = "mlp"  # attribute of each decoder layer holding the MLP
     softcap_attr: str | None = None  # config attribute with the final-logit softcap (Gemma-2/3)
     logit_scale_attr: str | None = None  # config attribute multiplying logits (Cohere-style)
+    logit_divisor_attr: str | None = None  # config attribute dividing logits (Granite's logits_scaling)
     # --- memory planner (per decoder layer unless said otherwise; "saves" = kept by autograd for backward)
     # norms on the hidden state: 2 (before attention, before the MLP); 4 for Gemma-2/3 (also after each: one more
     # saved norm per sub-block, and the MLP's backward starts in a norm); 1 for Cohere (shared by attention + MLP)
@@ -69,6 +70,9 @@ class Family:
     # embedding backward (the scaled output's gradient)
     embed_scale: bool = False
     tied_embeddings: bool = False  # tie_word_embeddings' default in the family's config class
+    # None: the analytic engine has this family's terms; else why not (the traced engine, which runs the family's
+    # own code, still plans it)
+    analytic_gap: str | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORM_KINDS:
@@ -89,6 +93,10 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(softcap_attr="final_logit_softcapping", norms_per_layer=4, **_GEMMA),
     "gemma3_text": Family(softcap_attr="final_logit_softcapping", norms_per_layer=4, qk_norm=True, **_GEMMA),
     "phi3": Family(fused_qkv=True, fused_gate_up=True, rope_cat=True),
+    # Llama-shaped; its embedding / residual / attention multipliers run inside HF's own model code, and the logits
+    # are divided by logits_scaling
+    "granite": Family(logit_divisor_attr="logits_scaling",
+                      analytic_gap="its residual multiplier's extra hidden-size tensors are not in its terms"),
     "cohere": Family(logit_scale_attr="logit_scale", norms_per_layer=1, norm="layer", qk_norm="use_qk_norm",
                      parallel_block=True, rope_fp32=True, tied_embeddings=True),
 }

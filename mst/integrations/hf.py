@@ -170,6 +170,8 @@ class _CausalLMForward(_Patch):
         cfg = text_config(model.config)  # read per call: a config edited after apply is honoured, as by HF
         softcap = getattr(cfg, self.family.softcap_attr, None) if self.family.softcap_attr else None
         logit_scale = getattr(cfg, self.family.logit_scale_attr, None) if self.family.logit_scale_attr else None
+        if self.family.logit_divisor_attr and getattr(cfg, self.family.logit_divisor_attr, None) is not None:
+            logit_scale = 1.0 / getattr(cfg, self.family.logit_divisor_attr)
         head = model.lm_head  # read per call: PEFT may replace it after apply
         labels = shift_labels.reshape(hidden.shape[:-1]).to(hidden.device)  # HF flattens both
         common = dict(chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,

@@ -36,7 +36,7 @@ def test_unsupported_model_raises_naming_families(model_type):
 
 
 @pytest.mark.parametrize("model_type,overrides,attr", [
-    ("granite", {"logits_scaling": 4.0}, "logits_scaling"),
+    ("olmo2", {"logits_scaling": 4.0}, "logits_scaling"),  # the attribute Granite divides by
     ("olmo2", {"final_logit_softcapping": 5.0}, "final_logit_softcapping"),
 ])
 def test_generic_model_with_logit_postprocessing_raises(model_type, overrides, attr):

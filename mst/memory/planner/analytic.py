@@ -244,6 +244,10 @@ def _head(z: _Sizes) -> HeadProfile:
 
 
 def analytic_profiles(spec: ModelSpec, wl: Workload) -> tuple[LayerProfile, HeadProfile]:
-    """Layer and head profiles of ``spec`` under ``wl`` from the closed-form sizes above."""
+    """Layer and head profiles of ``spec`` under ``wl`` from the closed-form sizes above; ValueError for a family
+    whose terms it lacks (``Family.analytic_gap``)."""
+    if spec.family.analytic_gap:
+        raise ValueError(f"the analytic engine cannot plan {spec.model_type!r}: {spec.family.analytic_gap}; use "
+                         "engine='traced' (python -m mst plan --engine traced)")
     sizes = _Sizes(spec, wl)
     return _layer(sizes), _head(sizes)
