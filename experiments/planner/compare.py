@@ -116,13 +116,13 @@ def limits(args) -> dict:
                              engine="traced", granularity=1024, mst_options=OFFICIAL)
         out[model]["mst"]["adamw_in_backward"]["traced_official_code"] = {
             "max_seq_len": length, "granularity": 1024, "search_s": round(time.perf_counter() - start, 2)}
+    kwargs = dict(gpu_mem_gb=args.gpu_mem_gb, optimizer="adamw_in_backward", engine="traced", mst_options=NORMS)
     for model in ("llama3-8b", "llama2-7b"):  # norms in mini-sequences, beside the traced engine's plain MsT
+        config = load_config(model)
         for strategy in ("mst", "mst_offload"):
             start = time.perf_counter()
-            kwargs = dict(gpu_mem_gb=args.gpu_mem_gb, optimizer="adamw_in_backward", engine="traced",
-                          mst_options=NORMS)
-            length = max_seq_len(load_config(model), strategy, **kwargs)
-            at = plan(load_config(model), length, strategy, **kwargs)
+            length = max_seq_len(config, strategy, **kwargs)
+            at = plan(config, length, strategy, **kwargs)
             out[model][strategy]["adamw_in_backward"]["traced_norms"] = {
                 "max_seq_len": length, "peak_bytes": at.peak_bytes, "phase": at.phase, "breakdown": at.breakdown,
                 "search_s": round(time.perf_counter() - start, 2)}

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
-                             _loss_divisor, _reduce, lm_head_chunk_tokens, losses_from_log_probs, token_losses)
+                             _loss_divisor, _reduce, lm_head_chunk_tokens, losses_from_log_probs, softmax_and_lse,
+                             token_losses)
 from .recompute import accumulation_dtype, autocast_state
 
 Grads = tuple[torch.Tensor | None, ...]
@@ -255,8 +256,7 @@ class PerTokenLMHeadLoss(torch.autograd.Function):
             e = s + spec.chunk_tokens
             with torch.autocast(**ctx.autocast):  # same logits precision as the forward
                 z, t = _chunk_logits(hidden[s:e], weight, bias, spec)
-            chunk_lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
-            dz = torch.softmax(z, dim=-1)
+            dz, chunk_lse = softmax_and_lse(z, spec)
             del z
             grads.add_chunk(s, hidden[s:e], _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e], spec,
                                                              lse=chunk_lse))

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
-                             _loss_divisor, _reduce, lm_head_chunk_tokens, token_losses)
+                             _loss_divisor, _reduce, lm_head_chunk_tokens, softmax_and_lse, token_losses)
 from .recompute import ChunkRNGStates, ParamGrads, autocast_state
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
@@ -78,11 +78,10 @@ class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
     def forward(ctx: FunctionCtx, hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, starts: list[int],
                 spec: LMHeadSpec, per_token: bool, *params: torch.Tensor) -> torch.Tensor:
         """The loss, each chunk under no_grad (the head's graph is not kept), its RNG state recorded."""
-        divisor = spec.divisor
         ctx.head_fn, ctx.params, ctx.starts, ctx.spec, ctx.per_token = head_fn, params, starts, spec, per_token
         ctx.autocast, ctx.rng = autocast_state(hidden.device.type), ChunkRNGStates(hidden)
         ctx.save_for_backward(hidden, labels)
-        return _reduce(_chunk_losses(hidden, labels, head_fn, starts, spec, ctx.rng), per_token, divisor)
+        return _reduce(_chunk_losses(hidden, labels, head_fn, starts, spec, ctx.rng), per_token, spec.divisor)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -106,8 +105,7 @@ class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
                 logits = ctx.head_fn(hc)
             with torch.autocast(hidden.device.type, enabled=False):  # the loss gradient in full precision
                 z, t = _finish_logits(_upcast(logits), spec)
-                chunk_lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
-                dz = torch.softmax(z, dim=-1)
+                dz, chunk_lse = softmax_and_lse(z, spec)
                 del z
                 dz = _logits_gradient(dz, t, safe_labels[s:e], tok_w[s:e].to(dz.dtype), spec, lse=chunk_lse)
             inputs = ([hc] if want_h else []) + param_grads.wanted

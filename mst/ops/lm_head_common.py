@@ -123,6 +123,13 @@ def losses_from_log_probs(logp: torch.Tensor, labels: torch.Tensor, spec: LMHead
     return losses
 
 
+def softmax_and_lse(z: torch.Tensor, spec: LMHeadSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A recomputed chunk's softmax (what ``_logits_gradient`` starts from) and, for a z-loss, its log-sum-exp
+    (taken first: its temporaries come and go before the softmax exists)."""
+    lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
+    return torch.softmax(z, dim=-1), lse
+
+
 def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, tok_w: torch.Tensor,
                      spec: LMHeadSpec, hits: torch.Tensor | float = 1.0, lse: torch.Tensor | None = None,
                      vocab: int | None = None) -> torch.Tensor:
@@ -134,7 +141,7 @@ def _logits_gradient(dz: torch.Tensor, t: torch.Tensor | None, labels: torch.Ten
     rows = torch.arange(dz.shape[0], device=dz.device)
     if spec.z_loss:
         dz.mul_(lse.mul(2.0 * spec.z_loss).add_(1.0)[:, None])
-    dz[rows, labels] -= hits * (1.0 - spec.label_smoothing) if spec.label_smoothing else hits
+    dz[rows, labels] -= hits * (1.0 - spec.label_smoothing)
     if spec.label_smoothing:
         dz.sub_(spec.label_smoothing / (vocab or dz.shape[1]))
     dz.mul_(tok_w[:, None])
