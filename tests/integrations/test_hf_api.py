@@ -174,6 +174,8 @@ def test_non_positive_chunk_raises(option, value):
     ("lm_head", None),
     ("offload_checkpoints", 0),
     ("mlp_mode", None),
+    ("norms", "yes"),
+    ("eval_logits", 1),
 ])
 def test_option_of_wrong_type_raises_type_error(option, value):
     model = tiny_model("llama")
