@@ -20,7 +20,9 @@ needs, no aggregation of partial attention, double gradient averaging over SP x 
 choices (the paper's code is not public): the fused collective is a tensor all-gather of the concatenated [K; V] after
 rotary (so GQA's fewer kv heads shrink it), only segments 0..r are used (causality), the mask is the lower-right
 causal one (rank 0 runs plain causal SDPA; ``_lower_right_causal_attention``), the backward is one reduce-scatter,
-and attention is PyTorch SDPA whatever ``attn_implementation`` the model was built with.
+and attention is PyTorch SDPA whatever ``attn_implementation`` the model was built with, except on a model patched
+with ``mst.apply(attention=True)``: there the segment's queries run by chunks (``mini_sequence_attention``, the same
+lower-right causal attention, exact).
 
 ``gather_queries=True`` is the naive baseline (backend "allgather", Megatron-style sequence parallelism without
 tensor parallelism): one all-gather of the full [Q; K; V] activations, full causal attention over the whole
@@ -38,6 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..integrations.attention import CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
+from ..ops import mini_sequence_attention
 from .routing import route
 
 
@@ -105,9 +109,19 @@ class SegmentAttention:
             # segments after r are gathered (one collective for all ranks) but never attended to: not used
             kv = _concat_segments(_GatherSegments.apply(torch.cat([key, value], 1), self.group)[: rank + 1])
             k, v = kv.split([kv_heads, kv_heads], dim=1)
-            out = (F.scaled_dot_product_attention(query, k, v, is_causal=True, **sdpa) if rank == 0
-                   else _lower_right_causal_attention(query, k, v, **sdpa))
+            if _mini_sequence(module):  # mst.apply(attention=True): the segment's queries by chunks, exact
+                if dropout:
+                    raise ValueError(f"mst mini-sequence attention has no attention dropout (got p={dropout})")
+                out = mini_sequence_attention(query, k, v, scale=scaling, chunk_tokens=getattr(module, CHUNK_ATTR, None))
+            else:
+                out = (F.scaled_dot_product_attention(query, k, v, is_causal=True, **sdpa) if rank == 0
+                       else _lower_right_causal_attention(query, k, v, **sdpa))
         return out.transpose(1, 2).contiguous(), None
+
+
+def _mini_sequence(module: nn.Module) -> bool:
+    """True for an attention module of a model patched with ``mst.apply(attention=True)``."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) == MINI_SEQUENCE_ATTENTION
 
 
 def _lower_right_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..integrations.attention import MINI_SEQUENCE_ATTENTION
 from .routing import route
 
 # core attention implementations Ulysses can wrap (eager needs a 4-D S x S mask, which SP cannot shard)
-SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", MINI_SEQUENCE_ATTENTION)
 
 
 def validate(config: Any, sp_size: int) -> None:

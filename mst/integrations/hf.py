@@ -36,6 +36,7 @@ from transformers.utils.generic import TransformersKwargs
 
 from ..ops import (chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp,
                    resolve_chunk_tokens)
+from .attention import CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from .families import FAMILIES, Family, family_of, text_config
 from .offload import offloading_checkpoint
 
@@ -62,6 +63,8 @@ class MsTOptions:
     checkpointing: bool = True
     offload_checkpoints: bool = False
     eval_logits: bool = False  # with labels but no gradient (evaluation): the unpatched forward, logits included
+    attention: bool = False  # core attention by query chunks (mst.ops.mini_sequence_attention)
+    attention_chunk_tokens: int | None = None  # default: the op's (fp32 scores <= 256 MiB on CPU, 8192 on CUDA)
 
     def __post_init__(self) -> None:
         """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
@@ -226,7 +229,7 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
     if layers is None:
         raise ValueError(f"mst.apply: {type(model).__name__} has no decoder layers at get_decoder().layers")
     for name in ("mlp_chunk_tokens", "mlp_chunks", "lm_head_chunk_tokens", "lm_head_chunks",
-                 "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows"):
+                 "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows", "attention_chunk_tokens"):
         value = getattr(opts, name)
         if value is not None and value <= 0:
             raise ValueError(f"mst.apply: {name} must be a positive integer, got {value!r}")
@@ -238,6 +241,9 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
                          "lm_head_logits_budget_bytes")
     if opts.mlp_mode not in ("recompute", "naive"):
         raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
+    if opts.attention and (getattr(text_config(model.config), "attention_dropout", 0.0) or 0.0) > 0:
+        raise ValueError("mst.apply: attention=True has no attention dropout, and the config sets attention_dropout="
+                         f"{text_config(model.config).attention_dropout}; set it to 0 or pass attention=False")
     if opts.lm_head and getattr(model.lm_head, "weight", None) is None:
         raise ValueError("mst.apply: lm_head has no .weight (quantized or custom head?); pass lm_head=False")
     if opts.checkpointing and (not _checkpointable(model) or not getattr(model, "supports_gradient_checkpointing",
@@ -362,18 +368,59 @@ def _remove_patches(model: nn.Module) -> None:
                 module.forward = patch.inner
 
 
+def _use_mini_sequence_attention(model: nn.Module, layers: nn.ModuleList, chunk_tokens: int | None) -> str:
+    """Switch the (text) model's attention implementation to ``MINI_SEQUENCE_ATTENTION`` and give every layer's
+    attention module its chunk size; returns the implementation it replaced."""
+    cfg = text_config(model.config)
+    before = cfg._attn_implementation
+    cfg._attn_implementation = MINI_SEQUENCE_ATTENTION
+    for layer in layers:
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None:
+            setattr(attention, CHUNK_ATTR, chunk_tokens)
+    return before
+
+
+def _restore_attention(model: nn.Module) -> None:
+    """Undo ``_use_mini_sequence_attention`` (nothing if it was not used)."""
+    before = model.__dict__.pop("_mst_attention_before", None)
+    if before is None:
+        return
+    text_config(model.config)._attn_implementation = before
+    for module in model.modules():
+        module.__dict__.pop(CHUNK_ATTR, None)
+
+
+def _check_attention_change(model: nn.Module, previous: MsTOptions | None, opts: MsTOptions) -> None:
+    """Sequence parallelism wraps the attention implementation the model had at its setup; switching it afterwards
+    would silently run the model unsharded."""
+    sp = getattr(model, "mst_sp", None)
+    if sp is not None and sp.size > 1 and opts.attention != (previous is not None and previous.attention):
+        raise ValueError("mst.apply: attention=True changes the model's attention implementation, which sequence "
+                         "parallelism has already wrapped; call mst.apply before setup_sequence_parallel (or "
+                         "teardown_sequence_parallel first)")
+
+
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``mst.apply``: restore class forwards and the checkpointing state the model had before ``apply``."""
+    """Undo ``mst.apply``: restore class forwards, the attention implementation and the checkpointing state the
+    model had before ``apply``."""
     target = _unwrap(model)
+    if getattr(target, "mst_options", None) is not None:
+        _check_attention_change(target, target.mst_options, replace(target.mst_options, attention=False))
+        _revert(target)
+    return model
+
+
+def _revert(target: nn.Module) -> None:
     if getattr(target, "mst_options", None) is None:
-        return model
+        return
     _remove_patches(target)
+    _restore_attention(target)
     target.__dict__.pop("_set_gradient_checkpointing", None)
     before = target.__dict__.pop("_mst_checkpointing_before", None)
     if before is not None:
         _restore_checkpointing(target, before)
     del target.mst_options
-    return model
 
 
 def apply(model: nn.Module, **options) -> nn.Module:
@@ -394,6 +441,12 @@ def apply(model: nn.Module, **options) -> nn.Module:
           rows at a time, instead of a V x d fp32 accumulator (-2.1 GB for Llama3-8B; one more logits matmul).
       checkpointing (bool): activation checkpointing of every decoder layer (default True; needs model.train()).
       offload_checkpoints (bool): keep the checkpointed layer inputs on CPU between forward and backward.
+      attention (bool): also run the core attention of every layer by query chunks (``mini_sequence_attention``):
+          exact, no S x S scores, no repeated K/V; saves Q, K, V and recomputes each chunk in backward. Sets the
+          model's attention implementation to "mst_mini_sequence" (SDPA's masks; ``revert`` restores it); call it
+          before ``setup_sequence_parallel``. No attention dropout, sinks or position bias (a clear error).
+      attention_chunk_tokens (int): queries per attention chunk (default: fp32 scores of a chunk <= 256 MiB on
+          CPU, 8192 tokens through SDPA's flash kernel on CUDA).
       eval_logits (bool): a call with labels but no gradient (``Trainer.evaluate``, ``torch.no_grad()``) runs the
           unpatched forward, so it returns HF's loss *and* the logits ``compute_metrics`` needs (S x V logits, in
           evaluation only; default False: logits=None whenever labels are given).
@@ -415,8 +468,9 @@ def apply(model: nn.Module, **options) -> nn.Module:
     target = _unwrap(model)
     family, layers = _validate(target, opts)
     previous = getattr(target, "mst_options", None)
-    revert(target)
-    check = (opts.mlp or opts.lm_head or opts.norms) and getattr(target.config, "model_type", None) not in FAMILIES
+    _check_attention_change(target, previous, opts)
+    _revert(target)
+    check = (opts.mlp or opts.lm_head or opts.norms or opts.attention) and getattr(target.config, "model_type", None) not in FAMILIES
     if check:
         ids = _probe_ids(target)
         expected = _probe_loss(target, ids)
@@ -428,6 +482,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
         for parent in (*layers, target.get_decoder()):  # the decoder's own: the final norm
             for norm in _hidden_state_norms(parent):
                 norm.forward = _MiniSequenceForward(norm, opts)
+    if opts.attention:
+        target._mst_attention_before = _use_mini_sequence_attention(target, layers, opts.attention_chunk_tokens)
     if opts.lm_head:  # checked (below) with eval_logits off: the no-grad check must run mst's own loss
         target.forward = _CausalLMForward(target, replace(opts, eval_logits=False), family)
     if check:
@@ -435,6 +491,7 @@ def apply(model: nn.Module, **options) -> nn.Module:
             _check_exact(target, ids, expected)
         except ValueError:
             _remove_patches(target)
+            _restore_attention(target)
             if previous is not None:  # a re-apply that fails keeps the patch the model had
                 apply(target, **asdict(previous))
             raise

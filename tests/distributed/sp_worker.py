@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed/sp_worker.py [BACKEND ...]   # default: ulysses
 
 Every rank builds the same seeded tiny Llama (fp32, sdpa), computes the unsharded reference loss and gradients
-itself (plain, or with mst.apply, on the full batch), then the sequence-parallel loss and gradients with
+itself (plain, or with mst.apply, with or without attention=True, on the full batch), then the sequence-parallel loss and gradients with
 ``mst.distributed``, and checks them with ``torch.testing.assert_close`` defaults. Rank 0 prints one
 ``CASE <name> OK loss=...`` line per case (names prefixed ``<backend>_`` for backends other than ulysses); any
 mismatch raises, so torchrun exits non-zero. Every case also counts the step's collectives
@@ -48,6 +48,9 @@ def make_batch(batch: int, seq: int, seed: int, ignore: bool) -> dict[str, torch
 
 
 def prepare(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    """vanilla; mst (MLP + LM head); mst_attention (also the core attention by query chunks of 8 tokens)."""
+    if strategy == "mst_attention":
+        return mst.apply(model, attention=True, attention_chunk_tokens=8)
     return mst.apply(model) if strategy == "mst" else model
 
 
@@ -69,7 +72,7 @@ def check_comm(name, comm, model, sp, shard, strategy, bucket_bytes):
                              heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                              batch=shard["input_ids"].shape[0], seq_len=shard["input_ids"].shape[1] * sp.size,
                              grad_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-                             grad_buckets=grad_buckets(model, bucket_bytes), recompute=strategy == "mst")
+                             grad_buckets=grad_buckets(model, bucket_bytes), recompute=strategy != "vanilla")
     counted = comm.summary()
     assert set(counted) == set(predicted), f"{name}: ops {sorted(counted)} != predicted {sorted(predicted)}"
     for op, row in predicted.items():
@@ -164,6 +167,7 @@ def run_backend(backend: str, world: int) -> None:
     # 16 KiB buckets: the embedding / LM-head gradients (64 KiB) are reduced in place, the rest in several buckets
     case("mst_gqa_bs2_ignored", strategy="mst", kv_heads=2, batch=2, seq=64, ignore=True, bucket_bytes=16384)
     case("mst_odd_len_padded", strategy="mst", kv_heads=2, batch=2, seq=64 - 3, ignore=True, pad=True)
+    case("mst_attention_gqa_bs2", strategy="mst_attention", kv_heads=2, batch=2, seq=64 - 3, ignore=True, pad=True)
     if backend != "ulysses":
         case("mst_heads_not_divisible", strategy="mst", kv_heads=1, heads=world // 2, batch=1, seq=64)
     if world == 4:

@@ -155,7 +155,8 @@ def test_revert_leaves_no_checkpointing_state_behind():
 
 
 @pytest.mark.parametrize("option", ["mlp_chunk_tokens", "mlp_chunks", "lm_head_chunk_tokens", "lm_head_chunks",
-                                    "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows"])
+                                    "lm_head_logits_budget_bytes", "lm_head_weight_grad_block_rows",
+                                    "attention_chunk_tokens"])
 @pytest.mark.parametrize("value", [0, -4])
 def test_non_positive_chunk_raises(option, value):
     model = tiny_model("llama")
@@ -176,6 +177,8 @@ def test_non_positive_chunk_raises(option, value):
     ("mlp_mode", None),
     ("norms", "yes"),
     ("eval_logits", 1),
+    ("attention", "yes"),
+    ("attention_chunk_tokens", 8.0),
 ])
 def test_option_of_wrong_type_raises_type_error(option, value):
     model = tiny_model("llama")

@@ -38,6 +38,8 @@ def loss_and_grads(model, ids, labels):
     *[(t, {"lm_head_weight_grad_block_rows": 40}) for t in ("llama", "gemma2")],
     # the hidden-state norms in mini-sequences too (an RMSNorm, Gemma's (1 + w) norm, Cohere's LayerNorm)
     *[(t, {"norms": True}) for t in ("llama", "gemma2", "cohere")],
+    # the core attention by query chunks (Gemma-2: attention softcap and sliding windows)
+    *[(t, {"attention": True, "attention_chunk_tokens": 16}) for t in ("llama", "gemma2", "qwen3")],
 ], ids=lambda v: "-".join(v) if isinstance(v, dict) else v)
 def test_bf16_no_worse_than_vanilla(model_type, options):
     ref = tiny_model(model_type)
