@@ -4,6 +4,7 @@
     python -m mst plan --model gemma2-9b --sp-size 4 --strategy mst --strategy mst_offload --json
     python -m mst plan --model path/to/config.json --seq-len 32768 --engine traced
     python -m mst plan --model llama3-8b --optimizer adamw_in_backward --engine traced --norms
+    python -m mst plan --model llama3-8b --optimizer adamw_in_backward --engine traced --norms --attention
 
 Bad input (unknown model, a missing or invalid config file, numbers that are not a real card or model such as NaN,
 a negative reserve or a zero head count, a model whose weights and optimizer state alone exceed the GPU, invalid
@@ -68,12 +69,13 @@ def _rows(args) -> dict[str, Row]:
     config = _load(args.model)
     common = dict(sp_size=args.sp_size, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=DTYPES[args.dtype],
                   grad_accumulation=args.grad_accumulation, engine=args.engine, batch_size=args.batch_size)
-    if args.norms and args.engine != "traced":
-        raise ValueError("--norms is modelled by the traced engine only: add --engine traced")
+    options = {name: True for name in ("norms", "attention") if getattr(args, name)}
+    if options and args.engine != "traced":
+        raise ValueError(f"--{' --'.join(options)} is modelled by the traced engine only: add --engine traced")
     rows = {}
     for strategy in args.strategy or list(STRATEGIES):
-        # vanilla and ac stay as they are: --norms is an option of the mst strategies
-        common["mst_options"] = {"norms": True} if args.norms and strategy.startswith("mst") else None
+        # vanilla and ac stay as they are: --norms / --attention are options of the mst strategies
+        common["mst_options"] = options if options and strategy.startswith("mst") else None
         if args.seq_len is not None:  # plan exactly this length (the planner rejects 0 and negatives)
             rows[strategy] = (args.seq_len, plan(config, args.seq_len, strategy, **common), False)
             continue
@@ -85,7 +87,8 @@ def _rows(args) -> dict[str, Row]:
 def _table(args, rows: dict[str, Row]) -> str:
     head = (f"{args.model}: {args.sp_size} x {args.gpu_mem_gb:g} GiB ({args.reserve_gb:g} GiB reserve), {args.dtype}, "
             f"{args.optimizer}{', grad accumulation' if args.grad_accumulation else ''}, batch {args.batch_size}, "
-            f"{args.engine} engine{', norms in mini-sequences (mst strategies)' if args.norms else ''}")
+            f"{args.engine} engine{', norms in mini-sequences (mst strategies)' if args.norms else ''}"
+            f"{', mini-sequence attention (mst strategies)' if args.attention else ''}")
     label = "seq len" if args.seq_len is not None else "max seq len"
     lines = [head, f"{'strategy':<12} {label:>11} {'peak GiB':>9} " + " ".join(f"{c[:11]:>11}" for c in COLUMNS)
              + "  peak phase (host GiB)"]
@@ -110,7 +113,7 @@ def _json(args, rows: dict[str, Row]) -> str:
     return json.dumps({"model": args.model, "sp_size": args.sp_size, "gpu_mem_gb": args.gpu_mem_gb,
                        "reserve_gb": args.reserve_gb, "dtype": args.dtype, "optimizer": args.optimizer,
                        "grad_accumulation": args.grad_accumulation, "engine": args.engine,
-                       "batch_size": args.batch_size, "norms": args.norms, **lengths,
+                       "batch_size": args.batch_size, "norms": args.norms, "attention": args.attention, **lengths,
                        "plans": {s: (p.to_dict() if p else None) for s, (_, p, _) in rows.items()}}, indent=1)
 
 
@@ -134,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--norms", action="store_true",
                    help="mst strategies with mst.apply(norms=True): hidden-state norms in mini-sequences "
                         "(traced engine)")
+    p.add_argument("--attention", action="store_true",
+                   help="mst strategies with mst.apply(attention=True): core attention by query chunks, SDPA's "
+                        "flash kernel per chunk on a GPU (traced engine)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=None, help="plan this length instead of searching the maximum")
     p.add_argument("--granularity", type=int, default=256, help="search step in tokens (default 256)")

@@ -47,6 +47,22 @@ def test_norms_plans_the_mst_strategies_with_norms_in_mini_sequences(capsys):
 def test_norms_needs_the_traced_engine(capsys):
     assert main(["plan", "--model", "llama3-8b", "--norms"]) == 2
     assert "--engine traced" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama3-8b", "--attention"]) == 2
+    assert "--attention is modelled by the traced engine only" in capsys.readouterr().err
+
+
+def test_attention_plans_mini_sequence_attention(capsys):
+    """--attention (traced engine, a GPU: SDPA's flash kernel per query chunk): the mst rows plan it, at the
+    memory of the flash kernel the plain mst rows are traced with (the kernel's own fp32 dQ accumulator, which
+    no trace sees, is what it removes); no S x S mask enters the trace."""
+    argv = ["plan", "--model", "llama3-8b", "--strategy", "mst", "--engine", "traced", "--seq-len", "65536",
+            "--json", "--optimizer", "adamw_in_backward", "--norms"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)["plans"]["mst"]["peak_bytes"]
+    assert main(argv + ["--attention"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["attention"] is True
+    assert abs(result["plans"]["mst"]["peak_bytes"] - plain) <= 0.001 * plain
 
 
 def test_unknown_model_exits_2(capsys):

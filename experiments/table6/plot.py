@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt
 from ..results import load, save_figure  # noqa: F401  (load: re-exported for the notebooks)
 
 COLORS = {"vanilla": "tab:gray", "ac": "tab:orange", "mst": "tab:blue", "mst_no_ac": "tab:cyan",
-          "mst_mlp_unsplit": "tab:green", "mst_lm_head_unchunked": "tab:purple", "mst_norms": "tab:red"}
+          "mst_mlp_unsplit": "tab:green", "mst_lm_head_unchunked": "tab:purple", "mst_norms": "tab:red",
+          "mst_attention": "tab:brown", "mst_norms_attention": "tab:pink"}
 
 
 

@@ -58,7 +58,10 @@ VARIANTS = {"vanilla": ("vanilla", {}), "ac": ("ac", {}), "mst": ("mst", {}),
             # attribution (--variants): MsT with one of its two ops left unchunked
             "mst_mlp_unsplit": ("mst", {"mlp_chunks": 1}), "mst_lm_head_unchunked": ("mst", {"lm_head_chunks": 1}),
             # the cost of mst.apply(norms=True): hidden-state norms in mini-sequences too (--variants mst mst_norms)
-            "mst_norms": ("mst", {"norms": True})}
+            "mst_norms": ("mst", {"norms": True}),
+            # the cost of mst.apply(attention=True): the core attention by query chunks (--variants mst mst_attention)
+            "mst_attention": ("mst", {"attention": True}),
+            "mst_norms_attention": ("mst", {"norms": True, "attention": True})}
 # (model, full-size sequence length, batch, variants): the paper's rows, plus the equal-batch comparisons
 GROUPS = (
     ("llama3-8b", 8192, 1, ("vanilla", "ac", "mst")),
@@ -260,7 +263,8 @@ def ratios(results: dict) -> dict:
     for g in results["groups"]:
         cells = g["cells"]
         for a, b in (("mst", "ac"), ("mst", "vanilla"), ("mst_no_ac", "vanilla"), ("mst_no_ac", "ac"),
-                     ("mst_mlp_unsplit", "ac"), ("mst_lm_head_unchunked", "ac"), ("mst_norms", "mst")):
+                     ("mst_mlp_unsplit", "ac"), ("mst_lm_head_unchunked", "ac"), ("mst_norms", "mst"),
+                     ("mst_attention", "mst"), ("mst_norms_attention", "mst")):
             if "tokens_per_s" in cells.get(a, {}) and "tokens_per_s" in cells.get(b, {}):
                 out[f"{a}/{b} {g['model']} b={g['batch']}"] = cells[a]["tokens_per_s"] / cells[b]["tokens_per_s"]
     lb = results["larger_batch"]

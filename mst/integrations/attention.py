@@ -24,6 +24,7 @@ from ..ops import mini_sequence_attention
 
 MINI_SEQUENCE_ATTENTION = "mst_mini_sequence"  # HF attention implementation name of ``attention_forward``
 CHUNK_ATTR = "mst_attention_chunk_tokens"  # set on each attention module by ``apply`` (None: the op's default)
+BACKEND_ATTR = "mst_attention_backend"  # likewise, the op's backend ("auto" when unset)
 # keyword arguments of HF attention calls that change what attention computes and that the op does not implement
 UNSUPPORTED = ("s_aux", "sinks", "position_bias", "cache")
 
@@ -49,7 +50,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     positional = attention_mask is None
     out = mini_sequence_attention(query, key, value, mask=attention_mask, scale=scaling,
                                   causal=bool(causal) and positional, window=sliding_window if positional else None,
-                                  softcap=softcap, chunk_tokens=getattr(module, CHUNK_ATTR, None))
+                                  softcap=softcap, chunk_tokens=getattr(module, CHUNK_ATTR, None),
+                                  backend=getattr(module, BACKEND_ATTR, "auto"))
     return out.transpose(1, 2).contiguous(), None
 
 

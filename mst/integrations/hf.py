@@ -34,9 +34,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils.generic import TransformersKwargs
 
-from ..ops import (chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens, mini_sequence_mlp,
-                   resolve_chunk_tokens)
-from .attention import CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
+from ..ops import (ATTENTION_BACKENDS, chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens,
+                   mini_sequence_mlp, resolve_chunk_tokens)
+from .attention import BACKEND_ATTR, CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from .families import FAMILIES, Family, family_of, text_config
 from .offload import offloading_checkpoint
 
@@ -64,7 +64,8 @@ class MsTOptions:
     offload_checkpoints: bool = False
     eval_logits: bool = False  # with labels but no gradient (evaluation): the unpatched forward, logits included
     attention: bool = False  # core attention by query chunks (mst.ops.mini_sequence_attention)
-    attention_chunk_tokens: int | None = None  # default: the op's (fp32 scores <= 256 MiB on CPU, 8192 on CUDA)
+    attention_chunk_tokens: int | None = None  # default: the op's (head_dim queries on CPU, 8192 on CUDA)
+    attention_backend: str = "auto"  # the op's: "auto" (sdpa on CUDA without softcap, else math), "math", "sdpa"
 
     def __post_init__(self) -> None:
         """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
@@ -239,6 +240,9 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
                                    opts.lm_head_logits_budget_bytes)) > 1:
         raise ValueError("mst.apply: give at most one of lm_head_chunk_tokens, lm_head_chunks, "
                          "lm_head_logits_budget_bytes")
+    if opts.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"mst.apply: attention_backend must be one of {ATTENTION_BACKENDS}, got "
+                         f"{opts.attention_backend!r}")
     if opts.mlp_mode not in ("recompute", "naive"):
         raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
     if opts.attention and (getattr(text_config(model.config), "attention_dropout", 0.0) or 0.0) > 0:
@@ -368,16 +372,17 @@ def _remove_patches(model: nn.Module) -> None:
                 module.forward = patch.inner
 
 
-def _use_mini_sequence_attention(model: nn.Module, layers: nn.ModuleList, chunk_tokens: int | None) -> str:
+def _use_mini_sequence_attention(model: nn.Module, layers: nn.ModuleList, opts: MsTOptions) -> str:
     """Switch the (text) model's attention implementation to ``MINI_SEQUENCE_ATTENTION`` and give every layer's
-    attention module its chunk size; returns the implementation it replaced."""
+    attention module its chunk size and backend; returns the implementation it replaced."""
     cfg = text_config(model.config)
     before = cfg._attn_implementation
     cfg._attn_implementation = MINI_SEQUENCE_ATTENTION
     for layer in layers:
         attention = getattr(layer, "self_attn", None)
         if attention is not None:
-            setattr(attention, CHUNK_ATTR, chunk_tokens)
+            setattr(attention, CHUNK_ATTR, opts.attention_chunk_tokens)
+            setattr(attention, BACKEND_ATTR, opts.attention_backend)
     return before
 
 
@@ -389,6 +394,7 @@ def _restore_attention(model: nn.Module) -> None:
     text_config(model.config)._attn_implementation = before
     for module in model.modules():
         module.__dict__.pop(CHUNK_ATTR, None)
+        module.__dict__.pop(BACKEND_ATTR, None)
 
 
 def _check_attention_change(model: nn.Module, previous: MsTOptions | None, opts: MsTOptions) -> None:
@@ -445,8 +451,10 @@ def apply(model: nn.Module, **options) -> nn.Module:
           exact, no S x S scores, no repeated K/V; saves Q, K, V and recomputes each chunk in backward. Sets the
           model's attention implementation to "mst_mini_sequence" (SDPA's masks; ``revert`` restores it); call it
           before ``setup_sequence_parallel``. No attention dropout, sinks or position bias (a clear error).
-      attention_chunk_tokens (int): queries per attention chunk (default: fp32 scores of a chunk <= 256 MiB on
-          CPU, 8192 tokens through SDPA's flash kernel on CUDA).
+      attention_chunk_tokens (int): queries per attention chunk (default: head_dim queries on CPU, so a chunk's
+          fp32 scores are Q-sized; 8192 through SDPA's flash kernel on CUDA).
+      attention_backend: "auto" (SDPA per chunk on CUDA unless the model softcaps attention, else the fp32 math
+          path), "math" or "sdpa" (see ``mst.ops.mini_sequence_attention``).
       eval_logits (bool): a call with labels but no gradient (``Trainer.evaluate``, ``torch.no_grad()``) runs the
           unpatched forward, so it returns HF's loss *and* the logits ``compute_metrics`` needs (S x V logits, in
           evaluation only; default False: logits=None whenever labels are given).
@@ -483,7 +491,7 @@ def apply(model: nn.Module, **options) -> nn.Module:
             for norm in _hidden_state_norms(parent):
                 norm.forward = _MiniSequenceForward(norm, opts)
     if opts.attention:
-        target._mst_attention_before = _use_mini_sequence_attention(target, layers, opts.attention_chunk_tokens)
+        target._mst_attention_before = _use_mini_sequence_attention(target, layers, opts)
     if opts.lm_head:  # checked (below) with eval_logits off: the no-grad check must run mst's own loss
         target.forward = _CausalLMForward(target, replace(opts, eval_logits=False), family)
     if check:

@@ -14,8 +14,10 @@ Two ways to compute one chunk (``backend``):
   so K/V are never repeated; scores are (batch x heads x chunk x prefix) fp32, so keep chunks small. The CPU path,
   and the one with softcap.
 - "sdpa": ``torch.nn.functional.scaled_dot_product_attention`` per chunk with a lower-right causal bias (the flash
-  kernel on CUDA) and ``enable_gqa``; a window or a mask is passed as a boolean mask of the chunk. No softcap.
-"auto" takes "sdpa" on CUDA without softcap, else "math".
+  kernel on CUDA, no mask built; on CPU SDPA materialises it as a C x L boolean mask for its flash kernel) and
+  ``enable_gqa`` (K/V not repeated); a window or a mask is passed as a boolean mask of the chunk. No softcap.
+"auto" takes "sdpa", or "math" for a softcap. On CPU "sdpa" is also the faster: 2x SDPA's own time for a layer's
+attention at 4K tokens against 7x for "math" (experiments/table6/README.md).
 
 Legend: B batch, H query heads, Hkv key/value heads, S query tokens, Sk key tokens (Sk >= S: the queries are the last
 S positions, as in decoding with a cache), C chunk tokens, L = the keys a chunk sees (<= Sk).
@@ -23,18 +25,23 @@ Cost: backward runs each chunk's forward again (one more attention forward per s
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.function import FunctionCtx
 from torch.nn.attention.bias import causal_lower_right
 
+from .lm_head_common import MAX_CHUNK_ELEMENTS
 from .recompute import accumulation_dtype, autocast_state
 
-BACKENDS = ("auto", "math", "sdpa")
-SCORES_BUDGET_ELEMENTS = 2 ** 26  # fp32 scores of one "math" chunk by default: 256 MiB (B x H x C x Sk)
-SDPA_CHUNK_TOKENS = 8192  # the "sdpa" backend's default chunk: a flash kernel's memory is O(C), not O(C x L)
+ATTENTION_BACKENDS = ("auto", "math", "sdpa")
+SDPA_CHUNK_TOKENS = 8192  # the "sdpa" backend's default chunk on CUDA: a flash kernel's memory is O(C), not O(C x L)
+_TRACED_AS_CUDA: contextvars.ContextVar[bool] = contextvars.ContextVar("traced_as_cuda", default=False)
 
 
 @dataclass(frozen=True)
@@ -50,12 +57,32 @@ class AttentionSpec:
     backend: str = "math"
 
 
-def default_attention_chunk_tokens(batch: int, heads: int, key_tokens: int, backend: str) -> int:
-    """Query tokens per chunk: for "math", as many as keep one chunk's fp32 scores within ``SCORES_BUDGET_ELEMENTS``
-    (at least 1); for "sdpa", ``SDPA_CHUNK_TOKENS``."""
+def default_attention_chunk_tokens(batch: int, heads: int, head_dim: int, key_tokens: int, backend: str,
+                                   cuda: bool) -> int:
+    """Query tokens per chunk, at least 1 and so that no tensor of the op passes ``MAX_CHUNK_ELEMENTS`` (int32-indexed
+    kernels fail past it; at Llama3-8B's 32 heads and 1M keys that caps a math chunk at 63 queries).
+    "sdpa" on CUDA: ``SDPA_CHUNK_TOKENS`` (the flash kernel with a lower-right causal bias builds no mask: O(C)
+    memory). "sdpa" elsewhere: H x D queries, since SDPA then materialises the chunk's (C x L) boolean mask, which is
+    thus no larger than Q at the key length. "math": D queries, so one chunk's fp32 scores (B x H x C x Sk) are as
+    many elements as Q at the key length (the MLP's rule: a chunk's intermediate no larger than an input)."""
     if backend == "sdpa":
-        return SDPA_CHUNK_TOKENS
-    return max(1, SCORES_BUDGET_ELEMENTS // max(1, batch * heads * key_tokens))
+        if cuda:
+            return SDPA_CHUNK_TOKENS
+        return max(1, min(heads * head_dim, MAX_CHUNK_ELEMENTS // max(1, key_tokens)))
+    return max(1, min(head_dim, MAX_CHUNK_ELEMENTS // max(1, batch * heads * key_tokens)))
+
+
+@contextlib.contextmanager
+def traced_as_cuda() -> Iterator[None]:
+    """Inside, fake tensors (the memory planner's trace) are attended as CUDA would: the CUDA default chunk, and a
+    lower-right causal chunk as plain causal SDPA, which has the same outputs, lse and buffers as CUDA's flash kernel
+    with the lower-right bias (fake tensors have no values) and which the fake CPU dispatch sends to its flash
+    kernel too (a CausalBias on CPU would build a C x L mask that CUDA never does)."""
+    token = _TRACED_AS_CUDA.set(True)
+    try:
+        yield
+    finally:
+        _TRACED_AS_CUDA.reset(token)
 
 
 def _key_range(spec: AttentionSpec, offset: int, start: int, end: int, key_tokens: int) -> tuple[int, int]:
@@ -114,8 +141,12 @@ def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.
                  bias: torch.Tensor | None, spec: AttentionSpec, lower_right: bool) -> torch.Tensor:
     """One chunk through SDPA; ``lower_right``: plain causal chunk (flash kernel with a lower-right causal bias)."""
     gqa = q.shape[1] != k.shape[1]
-    if lower_right:
+    if lower_right and isinstance(q, FakeTensor) and _TRACED_AS_CUDA.get():  # see ``traced_as_cuda``
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale, enable_gqa=gqa)
+    if lower_right and q.is_cuda:  # flash / memory-efficient kernels apply it without building it
         mask = causal_lower_right(q.shape[2], k.shape[2])
+    elif lower_right:  # what SDPA would materialise from a CausalBias on CPU (which fails under dispatch modes)
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
     elif bias is not None:
         mask = bias if keep is None else bias.masked_fill(~keep, float("-inf"))
     else:
@@ -124,38 +155,44 @@ def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.
 
 
 class _Chunk:
-    """One query chunk's inputs: its slices of Q, K, V and mask, and how to attend them."""
+    """One query chunk: its slices of Q, K, V (views) and how to attend them. Its masks are built inside ``attend``,
+    so only the running chunk's exist."""
 
     def __init__(self, spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None, start: int, end: int):
-        offset = k.shape[2] - q.shape[2]
+        self.spec, self.mask, self.offset = spec, mask, k.shape[2] - q.shape[2]
         self.start, self.end = start, end
-        self.lo, self.hi = _key_range(spec, offset, start, end, k.shape[2])
+        self.lo, self.hi = _key_range(spec, self.offset, start, end, k.shape[2])
         self.q = q[:, :, start:end]
         self.k, self.v = k[:, :, self.lo:self.hi], v[:, :, self.lo:self.hi]
-        q_pos = torch.arange(offset + start, offset + end, device=q.device)
-        keep = _allowed(spec, q_pos, torch.arange(self.lo, self.hi, device=q.device))
-        self.bias = None
-        self.lower_right = mask is None and spec.causal and spec.window is None
-        if mask is not None:
-            part = mask[..., start:end, self.lo:self.hi] if mask.shape[-2] != 1 else mask[..., self.lo:self.hi]
-            if part.dtype == torch.bool:
-                keep = part if keep is None else part & keep
-            else:
-                self.bias = part
-        self.keep = keep
-        self.spec = spec
+
+    def _masks(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(keep, bias): the boolean mask from positions and the caller's mask, and the caller's additive one."""
+        q_pos = torch.arange(self.offset + self.start, self.offset + self.end, device=device)
+        keep = _allowed(self.spec, q_pos, torch.arange(self.lo, self.hi, device=device))
+        if self.mask is None:
+            return keep, None
+        rows = slice(self.start, self.end) if self.mask.shape[-2] != 1 else slice(None)
+        part = self.mask[..., rows, self.lo:self.hi]
+        if part.dtype != torch.bool:
+            return keep, part
+        return (part if keep is None else part & keep), None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        lower_right = self.mask is None and self.spec.causal and self.spec.window is None
+        if self.spec.backend == "sdpa" and lower_right:
+            return _attend_sdpa(q, k, v, None, None, self.spec, lower_right=True)
+        keep, bias = self._masks(q.device)
         if self.spec.backend == "sdpa":
-            return _attend_sdpa(q, k, v, self.keep, self.bias, self.spec, self.lower_right)
-        return _attend_math(q, k, v, self.keep, self.bias, self.spec)
+            return _attend_sdpa(q, k, v, keep, bias, self.spec, lower_right=False)
+        return _attend_math(q, k, v, keep, bias, self.spec)
 
 
 def _chunks(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None) -> list[_Chunk]:
+            mask: torch.Tensor | None) -> Iterator[_Chunk]:
     n = q.shape[2]
-    return [_Chunk(spec, q, k, v, mask, s, min(n, s + spec.chunk_tokens)) for s in range(0, n, spec.chunk_tokens)]
+    for start in range(0, n, spec.chunk_tokens):
+        yield _Chunk(spec, q, k, v, mask, start, min(n, start + spec.chunk_tokens))
 
 
 class MiniSequenceAttentionFunction(torch.autograd.Function):
@@ -214,8 +251,8 @@ def mini_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     Returns (B, H, S, Dv), equal to the unchunked attention (HF eager / SDPA) to rounding; no split when S fits one
     chunk. Raises ValueError on shapes or options it cannot compute exactly.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"mini_sequence_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"mini_sequence_attention: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
         raise ValueError(f"mini_sequence_attention: expected q (B, H, S, D) and k, v (B, Hkv, Sk, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -234,11 +271,12 @@ def mini_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         raise ValueError(f"mini_sequence_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
                          f"{(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}")
     if backend == "auto":
-        backend = "sdpa" if q.is_cuda and softcap is None else "math"
+        backend = "math" if softcap is not None else "sdpa"
     if backend == "sdpa" and softcap is not None:
         raise ValueError("mini_sequence_attention: the sdpa backend has no softcap; use backend='math'")
     if chunk_tokens is None:
-        chunk_tokens = default_attention_chunk_tokens(q.shape[0], q.shape[1], k.shape[2], backend)
+        chunk_tokens = default_attention_chunk_tokens(q.shape[0], q.shape[1], q.shape[-1], k.shape[2], backend,
+                                                      cuda=q.is_cuda or _TRACED_AS_CUDA.get())
     if chunk_tokens <= 0:
         raise ValueError(f"mini_sequence_attention: chunk_tokens must be a positive integer, got {chunk_tokens}")
     spec = AttentionSpec(scale=q.shape[-1] ** -0.5 if scale is None else float(scale), causal=causal, window=window,

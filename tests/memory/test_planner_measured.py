@@ -116,6 +116,18 @@ def test_planner_matches_measured_norms_variants(name, strategy, kwargs):
     check(*measured_and_planned(config, 1024, strategy, mst_options=NORMS, **kwargs))
 
 
+ATTENTION = {"attention": True}
+WHOLE_LAYER = {"norms": True, "attention": True}
+
+
+@pytest.mark.parametrize("options", [ATTENTION, WHOLE_LAYER], ids=["attention", "norms+attention"])
+@pytest.mark.parametrize("strategy", ["mst", "mst_offload"])
+def test_planner_matches_measured_attention(strategy, options):
+    """``mst.apply(attention=True)`` on CPU (SDPA per query chunk with its boolean mask; the traced engine)."""
+    check(*measured_and_planned(scaled_config("llama3-8b", 64, num_hidden_layers=2), 1024, strategy,
+                                mst_options=options))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3", "phi3", "cohere"])
 def test_planner_matches_measured_norms_families(family):
@@ -125,7 +137,7 @@ def test_planner_matches_measured_norms_families(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [None, NORMS], ids=["mst", "norms"])
+@pytest.mark.parametrize("options", [None, NORMS, WHOLE_LAYER], ids=["mst", "norms", "norms+attention"])
 def test_per_token_bytes_match_the_planner(options):
     """The slope of the step peak over the length (bytes per token, what decides the max length) within 3% of
     the traced engine's, with and without the norms in mini-sequences (which roughly halve it)."""

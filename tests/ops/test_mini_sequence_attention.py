@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mst.ops import default_attention_chunk_tokens, mini_sequence_attention
-from mst.ops.mini_sequence_attention import SCORES_BUDGET_ELEMENTS
+from mst.ops.lm_head_common import MAX_CHUNK_ELEMENTS
 from tests.utils import MaxNumelMode, assert_exact, rel_err, saved_tensor_bytes
 
 
@@ -154,14 +154,33 @@ def test_autocast_recompute_matches_the_forward():
         assert rel_err(a, e) < 2e-2
 
 
-def test_default_chunk_keeps_scores_within_budget_past_two_to_the_31():
-    """Large-index safety: at Llama3-8B's 32 heads and S = 1M keys a full score matrix would be 2^45 elements; the
-    default math chunk keeps one chunk's scores at or below 2^26 (int32-indexable) while a chunk has >= 1 query."""
-    for batch, heads, keys in [(1, 32, 2 ** 20), (1, 32, 524_288), (2, 8, 4096), (1, 4, 7)]:
-        chunk = default_attention_chunk_tokens(batch, heads, keys, "math")
-        assert chunk >= 1
-        assert batch * heads * chunk * keys <= max(SCORES_BUDGET_ELEMENTS, batch * heads * keys) < 2 ** 31
-    assert default_attention_chunk_tokens(1, 32, 2 ** 20, "sdpa") == 8192
+def test_default_chunks_keep_every_tensor_query_sized_and_int32_indexable():
+    """Large-index safety: at Llama3-8B's 32 heads of width 128, S = 1M keys make a full score matrix 2^45
+    elements. The default math chunk keeps one chunk's fp32 scores at most Q's size at the key length, the CPU SDPA
+    chunk its C x L boolean mask likewise, both below 2^31 (where int32-indexed kernels fail), >= 1 query each."""
+    for batch, heads, keys in [(1, 32, 2 ** 20), (1, 32, 524_288), (2, 8, 4096), (1, 4, 7), (1, 32, 2 ** 26)]:
+        chunk = default_attention_chunk_tokens(batch, heads, 128, keys, "math", cuda=False)
+        assert 1 <= chunk <= 128
+        assert batch * heads * chunk * keys <= min(batch * heads * 128 * keys, MAX_CHUNK_ELEMENTS) or chunk == 1
+        chunk = default_attention_chunk_tokens(batch, heads, 128, keys, "sdpa", cuda=False)
+        assert 1 <= chunk <= heads * 128 and chunk * keys <= MAX_CHUNK_ELEMENTS
+    assert default_attention_chunk_tokens(1, 32, 128, 2 ** 20, "math", cuda=False) == 63
+    assert default_attention_chunk_tokens(1, 32, 128, 2 ** 20, "sdpa", cuda=True) == 8192
+
+
+def test_traced_as_cuda_plans_the_flash_kernel_without_a_mask():
+    """The memory planner's trace of a CUDA run (fake tensors): no C x L mask, the CUDA default chunk."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mst.ops.mini_sequence_attention import traced_as_cuda
+    with FakeTensorMode():
+        q, k, v = inputs(batch=1, heads=4, kv_heads=2, seq=16384, dim=8)
+        with traced_as_cuda(), MaxNumelMode() as cuda_like:
+            mini_sequence_attention(q, k, v).sum().backward()
+        with MaxNumelMode() as cpu:
+            mini_sequence_attention(q, k, v).sum().backward()
+    assert cuda_like.max_numel == q.numel()  # nothing larger than Q: no mask, no scores
+    assert cpu.max_numel == 4 * 8 * 16384  # the CPU chunk's (H x D) x Sk boolean mask
 
 
 def test_empty_and_single_token():

@@ -19,6 +19,7 @@ and caching-allocator rounding/fragmentation (use the ``reserve_gb`` margin of `
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -27,6 +28,8 @@ import torch
 
 from transformers import PretrainedConfig
 
+from ...integrations.attention import MINI_SEQUENCE_ATTENTION, attention_forward
+from ...ops.mini_sequence_attention import traced_as_cuda
 from ..live_bytes import LiveBytes
 from ..strategies import prepare
 from .compose import HeadProfile, LayerProfile
@@ -56,6 +59,19 @@ def causal_attention() -> str:
 
     AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
     return CAUSAL_ATTENTION
+
+
+CAUSAL_MINI_SEQUENCE_ATTENTION = "mst_mini_sequence_causal"  # mst's attention under a name HF builds no mask for
+
+
+def causal_mini_sequence_attention() -> str:
+    """Register (once) and return ``mst.apply(attention=True)``'s attention function under a name HF builds no mask
+    for, as ``causal_attention`` does for SDPA: on fake tensors HF cannot prove a batch is unpadded and would build an
+    S x S mask that a real unpadded batch never gets (its mask is None, causality comes from positions)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_MINI_SEQUENCE_ATTENTION, attention_forward)
+    return CAUSAL_MINI_SEQUENCE_ATTENTION
 
 
 def flash_equivalent(config: PretrainedConfig) -> PretrainedConfig:
@@ -100,7 +116,10 @@ def _build(config: PretrainedConfig, num_layers: int, wl: Workload) -> torch.nn.
     cfg = flash_equivalent(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=wl.dtype, attn_implementation=causal_attention())
-    return prepare(model, "mst" if wl.offload else wl.strategy, **dict(wl.mst_options))
+    model = prepare(model, "mst" if wl.offload else wl.strategy, **dict(wl.mst_options))
+    if model.config._attn_implementation == MINI_SEQUENCE_ATTENTION:  # mst.apply(attention=True)
+        model.config._attn_implementation = causal_mini_sequence_attention()
+    return model
 
 
 def _materialize(model: torch.nn.Module, wl: Workload) -> torch.nn.Module:
@@ -180,7 +199,8 @@ def traced_profiles(config: PretrainedConfig, wl: Workload) -> tuple[LayerProfil
 
     spec = ModelSpec.from_config(config)  # the same family table and checks as the analytic engine
     one_layer, no_layer = _build(config, 1, wl), _build(config, 0, wl)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    as_device = traced_as_cuda() if wl.device == "cuda" else contextlib.nullcontext()  # mst.apply(attention=True)
+    with FakeTensorMode(allow_non_fake_inputs=True), as_device:
         one_layer, no_layer = _materialize(one_layer, wl), _materialize(no_layer, wl)
         layer, head = _layer_profile(one_layer, config, wl), _head_profile(no_layer, config, wl)
     if spec.rope_sets > 1:  # flash_equivalent made every layer full attention: the trace built one rotary table
