@@ -16,8 +16,8 @@ Two ways to compute one chunk (``backend``):
 - "sdpa": ``torch.nn.functional.scaled_dot_product_attention`` per chunk with a lower-right causal bias (the flash
   kernel on CUDA, no mask built; on CPU SDPA materialises it as a C x L boolean mask for its flash kernel) and
   ``enable_gqa`` (K/V not repeated); a window or a mask is passed as a boolean mask of the chunk. No softcap.
-"auto" takes "sdpa", or "math" for a softcap. On CPU "sdpa" is also the faster: 2x SDPA's own time for a layer's
-attention at 4K tokens against 7x for "math" (experiments/table6/README.md).
+"auto" takes "sdpa", or "math" for a softcap. On CPU "sdpa" is also the faster: a checkpointed layer's attention
+takes 1.4x SDPA's time at 4K tokens (1.7x at 16K) against 3.7x for "math" (experiments/table6/README.md).
 
 Legend: B batch, H query heads, Hkv key/value heads, S query tokens, Sk key tokens (Sk >= S: the queries are the last
 S positions, as in decoding with a cache), C chunk tokens, L = the keys a chunk sees (<= Sk).

@@ -72,6 +72,16 @@ def test_markdown_and_ratios_without_the_larger_batch():
     assert "Larger batch" not in markdown(results)
 
 
+def test_attention_op_writes_times(tmp_path):
+    """experiments.table6.attention_op at a toy width and length: AC's SDPA and both backends of the op timed."""
+    subprocess.run([sys.executable, "-m", "experiments.table6.attention_op", "--hidden", "64", "--seq-lens", "96",
+                    "--reps", "2", "--out", str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+    results = json.loads((tmp_path / "attention_op_cpu.json").read_text())
+    assert set(results["rows"][0]["seconds"]) == {"ac", "mst_sdpa", "mst_math"}
+    assert results["environment"]["device_type"] == "cpu"
+    assert "| 96 |" in (tmp_path / "attention_op_cpu.md").read_text()
+
+
 def test_op_width_writes_ratios(tmp_path):
     """experiments.table6.op_width at two toy widths: both ops timed for AC and MsT, JSON / markdown / PNG."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
