@@ -5,6 +5,7 @@
     python -m mst plan --model path/to/config.json --seq-len 32768 --engine traced
     python -m mst plan --model llama3-8b --optimizer adamw_in_backward --engine traced --norms
     python -m mst plan --model llama3-8b --optimizer adamw_in_backward --engine traced --norms --attention
+    python -m mst plan --model llama3-8b --engine traced --strategy mst_offload --seq-len 262144 --explain
 
 Bad input (unknown model, a missing or invalid config file, numbers that are not a real card or model such as NaN,
 a negative reserve or a zero head count, a model whose weights and optimizer state alone exceed the GPU, invalid
@@ -70,6 +71,8 @@ def _rows(args) -> dict[str, Row]:
     common = dict(sp_size=args.sp_size, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=DTYPES[args.dtype],
                   grad_accumulation=args.grad_accumulation, engine=args.engine, batch_size=args.batch_size)
     options = {name: True for name in ("norms", "attention") if getattr(args, name)}
+    if args.explain and args.engine != "traced":
+        raise ValueError("--explain lists the traced engine's tensors: add --engine traced")
     if options and args.engine != "traced":
         raise ValueError(f"--{' --'.join(options)} is modelled by the traced engine only: add --engine traced")
     rows = {}
@@ -102,7 +105,28 @@ def _table(args, rows: dict[str, Row]) -> str:
         lines.append(f"{strategy:<12} {length:>11} {p.peak_gib:>9.2f} {cells}  {p.phase}{host}")
         if capped:
             notes.append(f"{strategy}: max seq len at least {length} (the search cap); its row plans that length")
+    if args.explain:
+        notes += _explain(args, rows)
     return "\n".join(lines + notes)
+
+
+def _explain(args, rows: dict[str, Row], top: int = 12) -> list[str]:
+    """Per strategy whose peak is a layer's backward: the tensors alive at that peak by the op that made them, in
+    bytes per token (S marks the token dimension)."""
+    lines = []
+    for strategy, (length, p, _) in rows.items():
+        if p is None or not p.peak_tensors:
+            continue
+        tokens = p.batch_size * length // p.sp_size
+        lines += ["", f"{strategy} at {length} tokens, {p.phase}: the layer's tensors at the peak, bytes per token "
+                      f"({sum(t['bytes'] for t in p.peak_tensors) / tokens / 1e3:.1f} KB in all)"]
+        for t in p.peak_tensors[:top]:
+            shape = ", ".join("S" if n == length // p.sp_size else str(n) for n in t["shape"])
+            lines.append(f"  {t['bytes'] / tokens / 1e3:9.2f} KB  {t['op']} {t['dtype']} ({shape})")
+        rest = sum(t["bytes"] for t in p.peak_tensors[top:])
+        if rest:
+            lines.append(f"  {rest / tokens / 1e3:9.2f} KB  {len(p.peak_tensors) - top} more")
+    return lines
 
 
 def _json(args, rows: dict[str, Row]) -> str:
@@ -140,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true",
                    help="mst strategies with mst.apply(attention=True): core attention by query chunks, SDPA's "
                         "flash kernel per chunk on a GPU (traced engine)")
+    p.add_argument("--explain", action="store_true",
+                   help="list the tensors alive at a layer-backward peak, in bytes per token (traced engine; the JSON "
+                        "always has them as peak_tensors)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=None, help="plan this length instead of searching the maximum")
     p.add_argument("--granularity", type=int, default=256, help="search step in tokens (default 256)")

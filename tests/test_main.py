@@ -65,6 +65,22 @@ def test_attention_plans_mini_sequence_attention(capsys):
     assert abs(result["plans"]["mst"]["peak_bytes"] - plain) <= 0.001 * plain
 
 
+def test_explain_lists_the_tensors_at_a_layer_backward_peak(capsys):
+    """--explain: the layer's tensors at the peak in bytes per token, S for the token dimension, summing to what the
+    JSON's peak_tensors hold; the analytic engine has no tensors to list."""
+    argv = ["plan", "--model", "llama3-8b", "--strategy", "mst_offload", "--engine", "traced", "--seq-len", "32768",
+            "--optimizer", "adamw_in_backward"]
+    assert main(argv + ["--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "backward: top layer: the layer's tensors at the peak" in out and "bfloat16 (1, S, 4096)" in out
+    assert main(argv + ["--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plans"]["mst_offload"]
+    assert plan["phase"] == "backward: top layer" and plan["peak_tensors"]
+    assert sum(t["bytes"] for t in plan["peak_tensors"]) <= plan["peak_bytes"]
+    assert main(["plan", "--model", "llama3-8b", "--explain"]) == 2
+    assert "--engine traced" in capsys.readouterr().err
+
+
 def test_unknown_model_exits_2(capsys):
     assert main(["plan", "--model", "llama9-1t"]) == 2
     err = capsys.readouterr().err

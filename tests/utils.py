@@ -175,6 +175,16 @@ def assert_same_step(ref: nn.Module, got: nn.Module, **batch) -> torch.Tensor:
     return losses[0]
 
 
+def assert_same_accumulation(ref: nn.Module, got: nn.Module, steps: int = 3) -> None:
+    """``steps`` micro-batches of growing length backpropagated into the same .grad, normalised HF-Trainer style by
+    num_items_in_batch (the valid-token count of the whole window): loss and gradients equal after every step."""
+    micro = [make_input_ids(2, 40 + 7 * step, seed=10 + step) for step in range(steps)]
+    micro = [(ids, make_labels(ids, "prefix")) for ids in micro]
+    num_items = torch.tensor(sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro))
+    for ids, labels in micro:
+        assert_same_step(ref, got, input_ids=ids, labels=labels, num_items_in_batch=num_items)
+
+
 def rel_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative L2 error ||actual - ref|| / ||ref|| computed in fp64."""
     a, r = actual.double(), ref.double()

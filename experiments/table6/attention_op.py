@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"One layer's core attention per step (forward without graph, recompute, backward; "
-             f"{results['environment']['device']}, {results['dtype']}, d = {results['hidden']}: {results['heads']} heads "
-             f"of {results['head_dim']}, {results['kv_heads']} KV heads; median of {results['reps']} round-robin "
+             f"{results['environment']['device']}, {results['dtype']}, d = {results['hidden']}: "
+             f"{results['heads']} heads of {results['head_dim']}, {results['kv_heads']} KV heads; median of "
+             f"{results['reps']} round-robin "
              "rounds), seconds and time / AC's:", "",
              "| seq len | AC (SDPA) s | MsT sdpa s | MsT sdpa / AC | MsT math s | MsT math / AC |",
              "|---:|---:|---:|---:|---:|---:|"]

@@ -112,7 +112,8 @@ class SegmentAttention:
             if _mini_sequence(module):  # mst.apply(attention=True): the segment's queries by chunks, exact
                 if dropout:
                     raise ValueError(f"mst mini-sequence attention has no attention dropout (got p={dropout})")
-                out = mini_sequence_attention(query, k, v, scale=scaling, chunk_tokens=getattr(module, CHUNK_ATTR, None))
+                out = mini_sequence_attention(query, k, v, scale=scaling,
+                                              chunk_tokens=getattr(module, CHUNK_ATTR, None))
             else:
                 out = (F.scaled_dot_product_attention(query, k, v, is_causal=True, **sdpa) if rank == 0
                        else _lower_right_causal_attention(query, k, v, **sdpa))

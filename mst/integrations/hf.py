@@ -478,7 +478,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
     previous = getattr(target, "mst_options", None)
     _check_attention_change(target, previous, opts)
     _revert(target)
-    check = (opts.mlp or opts.lm_head or opts.norms or opts.attention) and getattr(target.config, "model_type", None) not in FAMILIES
+    check = ((opts.mlp or opts.lm_head or opts.norms or opts.attention)
+             and getattr(target.config, "model_type", None) not in FAMILIES)
     if check:
         ids = _probe_ids(target)
         expected = _probe_loss(target, ids)

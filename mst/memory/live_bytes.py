@@ -45,6 +45,7 @@ class LiveBytes(TorchDispatchMode):
         self._truth = WeakIdKeyDictionary()  # storage of an all()/any() result -> the value to read
         self._ids = WeakIdKeyDictionary()  # storage -> serial number
         self._size: dict[int, int] = {-1: 0}  # serial -> bytes (kept after death, for attribution)
+        self._label: dict[int, tuple[str, str, tuple[int, ...]]] = {}  # serial -> (op, dtype, shape) that made it
         for t in ignore:
             self._ids[t.untyped_storage()] = -1
         self._alive: set[int] = set()
@@ -60,17 +61,20 @@ class LiveBytes(TorchDispatchMode):
             self._truth[out.untyped_storage()] = _FAKE_TRUTH[func]
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
+                self._track(t, func)
         if self.current > self._peak:
             self._peak, self._peak_alive = self.current, frozenset(self._alive)
         return out
 
-    def _track(self, storage) -> None:
+    def _track(self, tensor: torch.Tensor, func) -> None:
+        storage = tensor.untyped_storage()
         if storage in self._ids:
             return
         serial = len(self._size) - 1
         self._ids[storage] = serial
         self._size[serial] = storage.nbytes()
+        self._label[serial] = (func.overloadpacket.__name__, str(tensor.dtype).removeprefix("torch."),
+                               tuple(tensor.shape))
         self._alive.add(serial)
         self.current += self._size[serial]
         weakref.finalize(storage, self._drop, serial)
@@ -100,6 +104,15 @@ class LiveBytes(TorchDispatchMode):
     def serials_of(self, tensors) -> frozenset:
         """Serial numbers of the given tensors' storages (None for untracked ones)."""
         return frozenset(self._ids.get(t.untyped_storage()) for t in tensors if t is not None)
+
+    def by_tensor(self, storages: frozenset) -> list[tuple[tuple[str, str, tuple[int, ...]], int]]:
+        """The given storages grouped by (op that made them, dtype, shape), with their bytes, largest first: what
+        a peak is made of (``python -m mst plan --explain``)."""
+        groups: dict[tuple[str, str, tuple[int, ...]], int] = {}
+        for serial in storages:
+            if serial in self._label and self._size[serial]:
+                groups[self._label[serial]] = groups.get(self._label[serial], 0) + self._size[serial]
+        return sorted(groups.items(), key=lambda item: -item[1])
 
     def bytes_of(self, storages: frozenset, tensors) -> int:
         """Bytes of the given tensors' storages that were among ``storages`` (e.g. gradients alive at a peak)."""

@@ -48,7 +48,7 @@ class _LiveBytesLog(LiveBytes):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
+                self._track(t, func)
         if torch._C._current_autograd_node() is not None:
             self.backward_seen, phase = True, "backward"
         else:

@@ -13,4 +13,5 @@ from .mini_sequence_mlp import (MiniSequenceMLPFunction, default_mlp_chunk_token
 __all__ = ["BlockedWeightGradLMHeadLoss", "PerTokenLMHeadLoss", "SummedLMHeadLoss", "chunked_lm_head_loss",
            "lm_head_chunk_tokens", "ChunkedModuleLMHeadLossFunction", "chunked_module_lm_head_loss",
            "ATTENTION_BACKENDS", "AttentionSpec", "MiniSequenceAttentionFunction", "default_attention_chunk_tokens",
-           "mini_sequence_attention", "MiniSequenceMLPFunction", "default_mlp_chunk_tokens", "mini_sequence_mlp", "resolve_chunk_tokens"]
+           "mini_sequence_attention", "MiniSequenceMLPFunction", "default_mlp_chunk_tokens", "mini_sequence_mlp",
+           "resolve_chunk_tokens"]

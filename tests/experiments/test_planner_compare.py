@@ -33,3 +33,17 @@ def test_replot_rewrites_summary_and_figures(tmp_path):
     lim = json.loads((tmp_path / "limits.json").read_text())
     assert (tmp_path / "summary.md").read_text() == compare.summary(rows, lim, lim["gpu_mem_gb"])
     assert (tmp_path / "planner_errors.png").stat().st_size > 0 and (tmp_path / "planner_limits.png").stat().st_size > 0
+
+
+def test_explain_writes_the_peak_tensors_of_each_variant(tmp_path):
+    """experiments.planner.explain at a short length: one table per variant, the norms' fp32 upcasts gone with
+    norms=True."""
+    from experiments.planner import explain
+
+    explain.main(["--seq-len", "32768", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "explain.json").read_text())
+    assert list(results["variants"]) == list(explain.VARIANTS)
+    fp32 = {name: sum(t["bytes"] for t in row["peak_tensors"] if t["dtype"] == "float32" and t["shape"][-2:] == [32768, 4096])
+            for name, row in results["variants"].items()}
+    assert fp32["mst"] > 0 and fp32["mst + norms"] == 0
+    assert (tmp_path / "explain.md").read_text().count("| KB/token | op | dtype | shape |") == 3

@@ -15,8 +15,8 @@ import torch
 import mst
 from mst.integrations.attention import CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from tests.integrations.test_hf_copies import pickle_round_trip
-from tests.utils import (ALL_TYPES, MLP_CHUNK, MaxNumelMode, assert_same_step, clone_model, make_input_ids,
-                         make_labels, patched_pair, tiny_model)
+from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_accumulation, assert_same_step, clone_model, make_input_ids,
+                         make_labels, MaxNumelMode, patched_pair, tiny_model)
 
 ATTENTION = {"attention": True, "attention_chunk_tokens": MLP_CHUNK}
 SEQ_LENS = [1, 7, 125, 2 * MLP_CHUNK + 3]
@@ -34,12 +34,7 @@ def test_loss_and_grads_equal(model_type, seq, batch):
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "mistral"])
 def test_gradient_accumulation_three_steps(model_type):
-    ref, got = patched_pair(model_type, ATTENTION)
-    micro = [make_input_ids(2, 40 + 7 * step, seed=10 + step) for step in range(3)]
-    micro = [(ids, make_labels(ids, "prefix")) for ids in micro]
-    num_items = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-    for ids, labels in micro:
-        assert_same_step(ref, got, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(num_items))
+    assert_same_accumulation(*patched_pair(model_type, ATTENTION))
 
 
 def test_tied_embeddings():

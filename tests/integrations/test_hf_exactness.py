@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import mst
-from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_step, clone_model, make_input_ids, make_labels,
-                         patched_pair, tiny_model)
+from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_accumulation, assert_same_step, clone_model, make_input_ids,
+                         make_labels, patched_pair, tiny_model)
 
 SEQ_LENS = [1, 7, 125, 2 * MLP_CHUNK + 3]
 
@@ -34,16 +34,8 @@ def test_loss_and_grads_equal(model_type, seq, batch, labels_kind):
 
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_gradient_accumulation_three_steps(model_type):
-    """Three micro-batches backpropagated into the same .grad, normalised HF-Trainer style by
-    num_items_in_batch (the valid-token count of the whole window): equal after every step."""
-    ref, got = patched_pair(model_type)
-    micro = []
-    for step in range(3):
-        ids = make_input_ids(2, 40 + 7 * step, seed=10 + step)
-        micro.append((ids, make_labels(ids, "prefix")))
-    num_items = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-    for ids, labels in micro:
-        assert_same_step(ref, got, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(num_items))
+    """Three micro-batches into the same .grad, normalised by num_items_in_batch: equal after every step."""
+    assert_same_accumulation(*patched_pair(model_type))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

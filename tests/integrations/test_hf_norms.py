@@ -18,8 +18,8 @@ import mst
 from mst.distributed import (reduce_gradients, setup_sequence_parallel, shard_batch, sp_loss,
                              teardown_sequence_parallel)
 from tests.integrations.test_hf_copies import pickle_round_trip
-from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_step, clone_model, make_input_ids, make_labels,
-                         patched_pair, saved_tensor_bytes, tiny_model)
+from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_accumulation, assert_same_step, clone_model, make_input_ids,
+                         make_labels, patched_pair, saved_tensor_bytes, tiny_model)
 
 NORMS = {"norms": True}
 SEQ_LENS = [1, 7, 125, 2 * MLP_CHUNK + 3]
@@ -36,12 +36,7 @@ def test_loss_and_grads_equal(model_type, seq, batch):
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "cohere"])
 def test_gradient_accumulation_three_steps(model_type):
-    ref, got = patched_pair(model_type, NORMS)
-    micro = [make_input_ids(2, 40 + 7 * step, seed=10 + step) for step in range(3)]
-    micro = [(ids, make_labels(ids, "prefix")) for ids in micro]
-    num_items = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-    for ids, labels in micro:
-        assert_same_step(ref, got, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(num_items))
+    assert_same_accumulation(*patched_pair(model_type, NORMS))
 
 
 def test_tied_embeddings():

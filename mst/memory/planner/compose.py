@@ -39,6 +39,8 @@ class LayerProfile:
     bwd_peak: int  # during backward: its saved + incoming gradient + transients + gradients made so far
     bwd_peak_grads: int  # parameter gradients alive at that backward peak
     offloadable: int = 0  # bytes of ``saved`` that mst_offload keeps on the host instead
+    # what ``bwd_peak`` is made of (traced engine): ((op, dtype, shape), bytes), largest first
+    bwd_peak_tensors: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Plan:
     phase: str  # the step phase that sets the peak
     phases: dict[str, int] = field(default_factory=dict)  # every candidate phase's total
     host_bytes: int = 0  # checkpoints held in CPU memory (mst_offload)
+    # at a layer-backward peak (traced engine): the layer's tensors alive then, {"op", "dtype", "shape", "bytes"}
+    peak_tensors: list[dict] = field(default_factory=list)
     seq_len: int = 0
     strategy: str = ""
     engine: str = ""
@@ -155,8 +159,10 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
     total, grads_at_peak, activations = phases[name]
     breakdown = {"weights": weights, "gradients": grads_at_peak, "optimizer_state": opt_state,
                  "activations": activations, "transient": total - weights - opt_state - grads_at_peak - activations}
+    tensors = [{"op": op, "dtype": dtype, "shape": list(shape), "bytes": size}
+               for (op, dtype, shape), size in layer.bwd_peak_tensors] if name.endswith("layer") else []
     return Plan(peak_bytes=total, breakdown=breakdown, phase=name, phases={k: v[0] for k, v in phases.items()},
-                host_bytes=n_layers * host, seq_len=wl.seq_len, strategy=wl.strategy, engine=engine,
+                host_bytes=n_layers * host, peak_tensors=tensors, seq_len=wl.seq_len, strategy=wl.strategy, engine=engine,
                 model_type=spec.model_type, sp_size=wl.sp_size, batch_size=wl.batch_size, dtype=str(wl.dtype).split(".")[-1],
                 optimizer=wl.optimizer, grad_accumulation=wl.grad_accumulation, device=wl.device)
 

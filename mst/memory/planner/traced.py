@@ -159,7 +159,8 @@ def _layer_profile(model: torch.nn.Module, config: PretrainedConfig, wl: Workloa
     grads = [p.grad for p in layer.parameters()]
     return LayerProfile(saved=marks["fwd"].current - out_bytes, fwd_peak=marks["fwd"].peak,
                         bwd_peak=marks["bwd"].peak, bwd_peak_grads=tracker.bytes_of(marks["bwd"].peak_storages, grads),
-                        offloadable=x0.numel() * wl.act_bytes if wl.checkpointed else 0)
+                        offloadable=x0.numel() * wl.act_bytes if wl.checkpointed else 0,
+                        bwd_peak_tensors=tuple(tracker.by_tensor(marks["bwd"].peak_storages)))
 
 
 def _head_profile(model: torch.nn.Module, config: PretrainedConfig, wl: Workload) -> HeadProfile:
