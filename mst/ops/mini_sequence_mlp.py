@@ -91,11 +91,13 @@ def _keep_input_for_backward(x: torch.Tensor, params: Sequence[torch.Tensor]) ->
     after it saves nothing), so the recompute ends before the MLP and MsT + checkpointing runs the MLP forward twice
     per step, as checkpointing alone does, instead of three times. Where something after the MLP saves its output
     (Gemma-2's post-MLP norm) the recompute simply continues through the MLP: correct either way. It composes with
-    FSDP and ZeRO because nothing here touches parameters behind autograd's back: ``params`` are declared as inputs
+    DDP and FSDP because nothing here touches parameters behind autograd's back: ``params`` are declared as inputs
     of this node (so it exists whenever anything needs a gradient, even with a frozen ``x``) and of
     ``MiniSequenceMLPFunction`` (so autograd routes their gradients through it); the gradients are returned to
     autograd and never written to ``.grad``, so the gradient hooks those wrappers install (reduce-scatter,
-    partitioned accumulation) fire as for the plain module.
+    partitioned accumulation) fire as for the plain module. DeepSpeed ZeRO-3 parameters are the exception (empty
+    partitions outside their module's forward, so they cannot be declared: see ``_zero3_backward``); for them
+    ``params`` is empty here.
     """
     return _SaveMLPInput.apply(x, *params)
 
@@ -110,9 +112,9 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, saver: torch.autograd.graph.Node, fn: MLPFn, chunk_tokens: int,
-                *params: torch.Tensor) -> torch.Tensor:
+                zero3_params: tuple[torch.Tensor, ...], *params: torch.Tensor) -> torch.Tensor:
         """Each chunk under no_grad (no intermediates kept), its RNG state recorded for the recompute."""
-        ctx.saver, ctx.params = saver, params
+        ctx.saver, ctx.params, ctx.zero3_params = saver, params, zero3_params
         ctx.fn, ctx.chunk_tokens, ctx.autocast = fn, chunk_tokens, autocast_state(x.device.type)
         ctx.rng = ChunkRNGStates(x)
         with torch.no_grad():  # detached so no chunk view claims to need grad
@@ -123,13 +125,22 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
         """Recompute one chunk at a time (forward's RNG and autocast) and let autograd give its gradients."""
         (x,) = ctx.saver.saved_tensors
         want_x = ctx.needs_input_grad[0]
-        param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[4:])
+        param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[5:])
         flat = x.detach().reshape(-1, x.shape[-1])
         gflat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat) if want_x else None
         start = 0
-        for i, (xc, gc) in enumerate(zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens))):
+        chunks = list(zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens)))
+        for i, (xc, gc) in enumerate(chunks):
             xc = xc.detach().requires_grad_(want_x)
+            if ctx.zero3_params:
+                with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
+                    yc = ctx.fn(xc)
+                _zero3_backward(yc, gc, xc, ctx.zero3_params, last=i == len(chunks) - 1)
+                if want_x:
+                    grad_x[start:start + xc.shape[0]] = xc.grad
+                start += xc.shape[0]
+                continue
             with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
                 yc = ctx.fn(xc)
             inputs = ([xc] if want_x else []) + param_grads.wanted
@@ -140,7 +151,28 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
             param_grads.add(grads)
             start += xc.shape[0]
         gx = grad_x.view_as(x) if want_x else None
-        return (gx, None, None, None, *param_grads.result())
+        return (gx, None, None, None, None, *param_grads.result())
+
+
+def _zero3_partitioned(params: Sequence[torch.Tensor]) -> bool:
+    """True for DeepSpeed ZeRO-3 parameters (they carry ``ds_id``): partitioned outside their module's forward."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def _zero3_backward(y: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tensor],
+                    last: bool) -> None:
+    """One recomputed chunk's backward for ZeRO-3 parameters, as DeepSpeed's own TiledMLP does it.
+
+    A ZeRO-3 parameter is an empty partition except inside its module's forward (DeepSpeed gathers it there, also
+    in this recompute), so it cannot be an input of ``MiniSequenceMLPFunction``: autograd would check the full
+    gradient returned for it against the empty shape it had when the Function was applied. Instead each chunk's
+    backward accumulates into ``.grad`` through autograd's own leaf accumulation, where ZeRO-3's hooks take it;
+    ``ds_grad_is_ready`` (DeepSpeed's flag) defers its reduce-scatter to the last chunk's contribution."""
+    for p in params:
+        p.ds_grad_is_ready = last
+    torch.autograd.backward(y, grad)
+    if x.requires_grad and x.grad is None:  # the chunk's output does not depend on x (a constant fn)
+        x.grad = torch.zeros_like(x)
 
 
 def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor], chunk_tokens: int,
@@ -161,8 +193,13 @@ def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor]
         return _map_chunks(fn, x, chunk_tokens)
     if mode != "recompute":
         raise ValueError(f"mode must be 'recompute' or 'naive', got {mode!r}")
-    kept = _keep_input_for_backward(x, params) if torch.is_grad_enabled() else x
-    if kept.grad_fn is None:  # nothing needs a gradient: no graph, no recompute
-        with torch.no_grad():
+    zero3 = _zero3_partitioned(params)
+    kept = _keep_input_for_backward(x, () if zero3 else params) if torch.is_grad_enabled() else x
+    if kept.grad_fn is None:
+        if zero3 and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return fn(x)  # a frozen input with ZeRO-3 parameters: no node to keep X on, so the plain module
+        with torch.no_grad():  # nothing needs a gradient: no graph, no recompute
             return _map_chunks(fn, x.detach(), chunk_tokens)
-    return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, *params)
+    if zero3:  # their gradients go to .grad inside backward (_zero3_backward)
+        return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, tuple(params))
+    return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, (), *params)
