@@ -19,11 +19,14 @@ from deepspeed.utils import safe_get_full_grad
 import mst
 from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
 
-CONFIG = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
-          "zero_optimization": {"stage": 3}, "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+# persistence threshold 0: every parameter is partitioned (by default DeepSpeed keeps ones under 1e5 elements, i.e.
+# all of a tiny model's, whole on every rank)
+ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+CONFIG = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True, "zero_optimization": ZERO3,
+          "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
 # model state on the host, as ALST trains: parameters and AdamW (DeepSpeedCPUAdam, JIT-built) offloaded to CPU
 ON_HOST = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.0}},
-           "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}
+           "zero_optimization": {**ZERO3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}
 WHOLE_LAYER = {"mlp_chunk_tokens": 16, "norms": True, "attention": True, "attention_chunk_tokens": 16}
 CASES = {  # name -> (mst.apply options or None for the unpatched model, DeepSpeed config)
     "vanilla": (None, CONFIG),
