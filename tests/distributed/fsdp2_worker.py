@@ -1,0 +1,61 @@
+"""torchrun worker for tests/distributed/test_fsdp2_torchrun.py: mst under FSDP2 equals one plain process.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed/fsdp2_worker.py
+
+Every rank builds the same seeded tiny Llama (fp32), computes the unpatched model's loss and gradients on one batch
+itself, then shards a patched copy with FSDP2 (``fully_shard`` on every decoder layer and the root, gloo on CPU),
+without and with ``CPUOffloadPolicy`` (parameters, gradients and optimizer state on the host), and runs the same batch
+on every rank. The loss and every gathered gradient (``DTensor.full_tensor``) must equal the reference
+(``torch.testing.assert_close`` defaults). Rank 0 prints ``CASE <name> OK loss=...`` per case.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+import mst
+from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
+
+WHOLE_LAYER = {"mlp_chunk_tokens": 16, "norms": True, "attention": True, "attention_chunk_tokens": 16}
+CASES = {  # name -> (mst.apply options or None for the unpatched model, model state on the host)
+    "vanilla": (None, False),
+    "mst": ({"mlp_chunk_tokens": 16}, False),
+    "mst_whole_layer": (WHOLE_LAYER, False),
+    "vanilla_state_on_host": (None, True),
+    "mst_whole_layer_state_on_host": ({**WHOLE_LAYER, "offload_checkpoints": True}, True),
+}
+
+
+def run_case(name: str, options: dict | None, on_host: bool) -> None:
+    ref = tiny_model("llama")
+    ids = make_input_ids(2, 61)
+    labels = make_labels(ids, "prefix")
+    expected = ref(input_ids=ids, labels=labels).loss
+    expected.backward()
+    model = clone_model(ref)
+    if options is not None:
+        mst.apply(model, **options)
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if on_host else {}
+    for layer in model.model.layers:
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
+    if dist.get_rank() == 0:
+        print(f"CASE {name} OK loss={loss.item():.6f}", flush=True)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    for name, (options, on_host) in CASES.items():
+        run_case(name, options, on_host)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
