@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(results: dict) -> str:
     p, s = results["peak_bytes"], results["seconds"]
-    lines = [f"TRL's fused LM head vs mst's chunked LM head + loss, one training step ({results['environment']['device']}, "
+    lines = [f"TRL's fused LM head vs mst's chunked LM head + loss, one training step "
+             f"({results['environment']['device']}, "
              f"{results['dtype']}; Llama3-8B shape at d = {results['hidden']}, V = {results['vocab']:,}, "
              f"{results['layers']} layers with mst's MLP mini-sequences and checkpointing, {results['seq_len']:,} "
              f"tokens; median of {results['steps']} round-robin steps)", "",

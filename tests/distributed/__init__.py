@@ -1,5 +1,5 @@
 """Distributed tests. ``run_sp_worker`` starts ``sp_worker.py`` (or another worker) under ``torchrun --standalone``
-(gloo, CPU)."""
+(gloo, CPU); ``reference_and_copy`` is the setup of the engine workers (ZeRO-3, FSDP2, accelerate)."""
 from __future__ import annotations
 
 import os
@@ -21,3 +21,24 @@ def run_sp_worker(nproc: int, *worker_args: str, timeout: int = 600, worker: Pat
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return proc.stdout, out
+
+
+WHOLE_LAYER = {"mlp_chunk_tokens": 16, "norms": True, "attention": True, "attention_chunk_tokens": 16}
+
+
+def reference_and_copy(options: dict | None):
+    """(reference, patched copy, batch, loss): a seeded tiny Llama that has run one batch (forward + backward, its
+    ``.grad`` the single-process reference), a copy with identical weights and ``mst.apply(**options)`` (or none
+    for None), that batch, which every rank feeds, so a data-parallel average equals the reference, and its loss."""
+    import mst
+    from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
+
+    ref = tiny_model("llama")
+    ids = make_input_ids(2, 61)
+    batch = {"input_ids": ids, "labels": make_labels(ids, "prefix")}
+    loss = ref(**batch).loss
+    loss.backward()
+    model = clone_model(ref)
+    if options is not None:
+        mst.apply(model, **options)
+    return ref, model, batch, loss.detach()

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/distributed/test_accelerate_torchrun.py: mst trained through accelerate's DDP equals
+"""torchrun worker for tests/distributed/test_engines_torchrun.py: mst trained through accelerate's DDP equals
 one plain process.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed/accelerate_worker.py
@@ -17,10 +17,10 @@ import torch
 from accelerate import Accelerator
 
 import mst
+from tests.distributed import WHOLE_LAYER
 from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
 
-CASES = {"vanilla": None, "mst": {"mlp_chunk_tokens": 16},
-         "mst_whole_layer": {"mlp_chunk_tokens": 16, "norms": True, "attention": True, "attention_chunk_tokens": 16}}
+CASES = {"vanilla": None, "mst": {"mlp_chunk_tokens": 16}, "mst_whole_layer": WHOLE_LAYER}
 
 
 def batches(n: int) -> list[dict[str, torch.Tensor]]:

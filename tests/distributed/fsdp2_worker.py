@@ -1,4 +1,4 @@
-"""torchrun worker for tests/distributed/test_fsdp2_torchrun.py: mst under FSDP2 equals one plain process.
+"""torchrun worker for tests/distributed/test_engines_torchrun.py: mst under FSDP2 equals one plain process.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed/fsdp2_worker.py
 
@@ -14,10 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-import mst
-from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
+from tests.distributed import WHOLE_LAYER, reference_and_copy
 
-WHOLE_LAYER = {"mlp_chunk_tokens": 16, "norms": True, "attention": True, "attention_chunk_tokens": 16}
 CASES = {  # name -> (mst.apply options or None for the unpatched model, model state on the host)
     "vanilla": (None, False),
     "mst": ({"mlp_chunk_tokens": 16}, False),
@@ -28,21 +26,14 @@ CASES = {  # name -> (mst.apply options or None for the unpatched model, model s
 
 
 def run_case(name: str, options: dict | None, on_host: bool) -> None:
-    ref = tiny_model("llama")
-    ids = make_input_ids(2, 61)
-    labels = make_labels(ids, "prefix")
-    expected = ref(input_ids=ids, labels=labels).loss
-    expected.backward()
-    model = clone_model(ref)
-    if options is not None:
-        mst.apply(model, **options)
+    ref, model, batch, expected = reference_and_copy(options)
     policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if on_host else {}
     for layer in model.model.layers:
         fully_shard(layer, **policy)
     fully_shard(model, **policy)
-    loss = model(input_ids=ids, labels=labels).loss
+    loss = model(**batch).loss
     loss.backward()
-    torch.testing.assert_close(loss.detach(), expected.detach())
+    torch.testing.assert_close(loss.detach(), expected)
     for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
     if dist.get_rank() == 0:

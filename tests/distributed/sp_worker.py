@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed/sp_worker.py [BACKEND ...]   # default: ulysses
 
 Every rank builds the same seeded tiny Llama (fp32, sdpa), computes the unsharded reference loss and gradients
-itself (plain, or with mst.apply, with or without attention=True, on the full batch), then the sequence-parallel loss and gradients with
+itself (plain, or with mst.apply, with or without attention=True, on the full batch), then the sequence-parallel
+loss and gradients with
 ``mst.distributed``, and checks them with ``torch.testing.assert_close`` defaults. Rank 0 prints one
 ``CASE <name> OK loss=...`` line per case (names prefixed ``<backend>_`` for backends other than ulysses); any
 mismatch raises, so torchrun exits non-zero. Every case also counts the step's collectives

@@ -3,7 +3,8 @@
 Each run starts ``sp_worker.py`` under ``torchrun --standalone``; the worker does the comparisons (see its
 docstring) and prints one line per passed case. Cases: vanilla Ulysses and MsT+Ulysses, batch 1 and 2, ignored
 labels (including a shard with none valid), an odd length padded to a multiple of sp, an odd length without
-padding (error), MsT with mini-sequence attention (Ulysses runs it on the gathered sequence), and on 4 ranks kv-head replication (kv 2 < sp 4), SP 2 x DP 2, and heads not divisible (error);
+padding (error), MsT with mini-sequence attention (Ulysses runs it on the gathered sequence), and on 4 ranks
+kv-head replication (kv 2 < sp 4), SP 2 x DP 2, and heads not divisible (error);
 two SP models torn down one at a time, and after every teardown of the last one the attention registry is HF's own.
 """
 from __future__ import annotations

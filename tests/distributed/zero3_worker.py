@@ -1,4 +1,4 @@
-"""torchrun worker for tests/distributed/test_zero3_torchrun.py: mst under DeepSpeed ZeRO-3 equals one plain process.
+"""torchrun worker for tests/distributed/test_engines_torchrun.py: mst under DeepSpeed ZeRO-3 equals one plain process.
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 tests/distributed/zero3_worker.py
 
@@ -6,8 +6,8 @@ Every rank builds the same seeded tiny Llama (fp32), computes the loss and gradi
 one batch, then trains a patched copy under a DeepSpeed ZeRO-3 engine (parameters partitioned over the ranks, gloo,
 DeepSpeed's CPU accelerator) on that same batch on every rank, so the data-parallel average is the single-process
 gradient; the last case also puts parameters and optimizer state on the host (``offload_param``,
-``offload_optimizer``). The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must equal the
-reference (``torch.testing.assert_close`` defaults). Rank 0 prints ``CASE <name> OK loss=...`` per case.
+``offload_optimizer``). The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must
+equal the reference (``torch.testing.assert_close`` defaults). Rank 0 prints ``CASE <name> OK loss=...`` per case.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-import mst
-from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
+from tests.distributed import WHOLE_LAYER, reference_and_copy
 
 # persistence threshold 0: every parameter is partitioned (by default DeepSpeed keeps ones under 1e5 elements, i.e.
 # all of a tiny model's, whole on every rank)
@@ -27,7 +26,6 @@ CONFIG = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": 
 # model state on the host, as ALST trains: parameters and AdamW (DeepSpeedCPUAdam, JIT-built) offloaded to CPU
 ON_HOST = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.0}},
            "zero_optimization": {**ZERO3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}
-WHOLE_LAYER = {"mlp_chunk_tokens": 16, "norms": True, "attention": True, "attention_chunk_tokens": 16}
 CASES = {  # name -> (mst.apply options or None for the unpatched model, DeepSpeed config)
     "vanilla": (None, CONFIG),
     "mst": ({"mlp_chunk_tokens": 16}, CONFIG),  # the mini-sequence MLP's recompute gathers the partitioned weights
@@ -39,18 +37,11 @@ CASES = {  # name -> (mst.apply options or None for the unpatched model, DeepSpe
 
 
 def run_case(name: str, options: dict | None, config: dict) -> None:
-    ref = tiny_model("llama")
-    ids = make_input_ids(2, 61)
-    labels = make_labels(ids, "prefix")
-    expected = ref(input_ids=ids, labels=labels).loss
-    expected.backward()
-    model = clone_model(ref)
-    if options is not None:
-        mst.apply(model, **options)
+    ref, model, batch, expected = reference_and_copy(options)
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
-    loss = engine(input_ids=ids, labels=labels).loss
+    loss = engine(**batch).loss
     engine.backward(loss)
-    torch.testing.assert_close(loss.detach(), expected.detach())
+    torch.testing.assert_close(loss.detach(), expected)
     for (n, p), (_, p_ref) in zip(engine.module.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(safe_get_full_grad(p), p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
     engine.destroy()
