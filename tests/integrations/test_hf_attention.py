@@ -4,6 +4,7 @@ The MLP's test matrix (every family, S in {1, 7, 125, 2*chunk+3}, batch 1/2, ign
 tied embeddings; sliding windows and Gemma-2's attention softcap through the family rows), padding masks, generation
 with a cache, copies, revert, composition with the other options, the clear errors; bf16 rows are in
 tests/integrations/test_hf_bf16.py and the Ulysses composition in tests/distributed/test_ulysses_torchrun.py.
+Multimodal wrappers: Gemma-3 and Llava exact with an image; PaliGemma refused by the apply-time check.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 import mst
 from mst.integrations.attention import CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from tests.integrations.test_hf_copies import pickle_round_trip
-from tests.utils import (ALL_TYPES, MLP_CHUNK, assert_same_accumulation, assert_same_step, clone_model, make_input_ids,
-                         make_labels, MaxNumelMode, patched_pair, tiny_model)
+from tests.integrations.test_hf_wrapped import assert_same_multimodal_step
+from tests.utils import (ALL_TYPES, IMAGE_TOKEN, IMAGE_TOKENS_PER_IMAGE, MLP_CHUNK, TEXT_VOCAB, TINY_VISION,
+                         MaxNumelMode, assert_same_accumulation, assert_same_step, clone_model, make_input_ids,
+                         make_labels, patched_pair, tiny_model, tiny_multimodal_model)
 
 ATTENTION = {"attention": True, "attention_chunk_tokens": MLP_CHUNK}
 SEQ_LENS = [1, 7, 125, 2 * MLP_CHUNK + 3]
@@ -132,6 +135,32 @@ def test_copies_keep_mini_sequence_attention(copy_kind):
     assert getattr(copied.model.layers[1].self_attn, CHUNK_ATTR) == MLP_CHUNK
     ids = make_input_ids(2, 50)
     assert_same_step(ref, copied, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+def test_multimodal_with_an_image_is_exact(model_type):
+    """The text model's attention only (the vision tower keeps its own); Gemma-3's image tokens attend to each other
+    both ways through HF's mask, which the op slices."""
+    ref = tiny_multimodal_model(model_type)
+    got = mst.apply(clone_model(ref), **ATTENTION)
+    assert got.config.get_text_config()._attn_implementation == MINI_SEQUENCE_ATTENTION
+    assert got.config.vision_config._attn_implementation == ref.config.vision_config._attn_implementation
+    ids = make_input_ids(2, 30, TEXT_VOCAB)
+    ids[:, :IMAGE_TOKENS_PER_IMAGE] = IMAGE_TOKEN
+    pixels = torch.randn(2, 3, TINY_VISION["image_size"], TINY_VISION["image_size"],
+                         generator=torch.Generator().manual_seed(0))
+    assert_same_multimodal_step(ref, got, input_ids=ids, pixel_values=pixels, labels=make_labels(ids, "prefix"))
+
+
+def test_paligemma_is_refused_by_the_apply_time_check():
+    """PaliGemma (outside the family table) does not reproduce its own loss with attention=True, so apply refuses it
+    and leaves it as it was (the cause of the difference is not traced yet: a known gap, refused rather than wrong)."""
+    model = tiny_multimodal_model("paligemma")
+    before = model.config.get_text_config()._attn_implementation
+    with pytest.raises(ValueError, match="does not reproduce its own loss"):
+        mst.apply(model, **ATTENTION)
+    assert model.config.get_text_config()._attn_implementation == before
+    assert getattr(model, "mst_options", None) is None
 
 
 def test_attention_dropout_is_refused():
