@@ -222,7 +222,7 @@ class MiniSequenceAttentionFunction(torch.autograd.Function):
         grad_q = torch.zeros_like(q) if want_q else None
         grad_k = torch.zeros(k.shape, dtype=accumulation_dtype(k.dtype), device=k.device) if want_k else None
         grad_v = torch.zeros(v.shape, dtype=accumulation_dtype(v.dtype), device=v.device) if want_v else None
-        for chunk in _chunks(ctx.spec, q.detach(), k.detach(), v.detach(), mask):
+        for chunk in _chunks(ctx.spec, q, k, v, mask):
             if chunk.hi == chunk.lo:  # no key to see: the output was zeros
                 continue
             inputs = (chunk.q.detach().requires_grad_(want_q), chunk.k.detach().requires_grad_(want_k),

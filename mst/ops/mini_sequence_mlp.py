@@ -133,22 +133,18 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
         chunks = list(zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens)))
         for i, (xc, gc) in enumerate(chunks):
             xc = xc.detach().requires_grad_(want_x)
-            if ctx.zero3_params:
-                with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
-                    yc = ctx.fn(xc)
-                _zero3_backward(yc, gc, xc, ctx.zero3_params, last=i == len(chunks) - 1)
-                if want_x:
-                    grad_x[start:start + xc.shape[0]] = xc.grad
-                start += xc.shape[0]
-                continue
             with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
                 yc = ctx.fn(xc)
-            inputs = ([xc] if want_x else []) + param_grads.wanted
-            grads = torch.autograd.grad(yc, inputs, gc, allow_unused=True)
+            if ctx.zero3_params:
+                _zero3_backward(yc, gc, xc, ctx.zero3_params, last=i == len(chunks) - 1)
+                grad_xc = xc.grad
+            else:
+                inputs = ([xc] if want_x else []) + param_grads.wanted
+                grads = torch.autograd.grad(yc, inputs, gc, allow_unused=True)
+                grad_xc, grads = (grads[0], grads[1:]) if want_x else (None, grads)
+                param_grads.add(grads)
             if want_x:
-                grad_x[start:start + xc.shape[0]] = grads[0]
-                grads = grads[1:]
-            param_grads.add(grads)
+                grad_x[start:start + xc.shape[0]] = grad_xc
             start += xc.shape[0]
         gx = grad_x.view_as(x) if want_x else None
         return (gx, None, None, None, None, *param_grads.result())

@@ -163,8 +163,9 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
                for (op, dtype, shape), size in layer.bwd_peak_tensors] if name.endswith("layer") else []
     return Plan(peak_bytes=total, breakdown=breakdown, phase=name, phases={k: v[0] for k, v in phases.items()},
                 host_bytes=n_layers * host, peak_tensors=tensors, seq_len=wl.seq_len, strategy=wl.strategy,
-                engine=engine, model_type=spec.model_type, sp_size=wl.sp_size, batch_size=wl.batch_size, dtype=str(wl.dtype).split(".")[-1],
-                optimizer=wl.optimizer, grad_accumulation=wl.grad_accumulation, device=wl.device)
+                engine=engine, model_type=spec.model_type, sp_size=wl.sp_size, batch_size=wl.batch_size,
+                dtype=str(wl.dtype).split(".")[-1], optimizer=wl.optimizer, grad_accumulation=wl.grad_accumulation,
+                device=wl.device)
 
 
 __all__ = ["GiB", "HeadProfile", "LayerProfile", "Plan", "adam_step_temporaries", "compose"]
