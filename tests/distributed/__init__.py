@@ -1,5 +1,6 @@
 """Distributed tests. ``run_sp_worker`` starts ``sp_worker.py`` (or another worker) under ``torchrun --standalone``
-(gloo, CPU); ``reference_and_copy`` is the setup of the engine workers (ZeRO-3, FSDP2, accelerate)."""
+(gloo, CPU); ``reference_and_copy`` and ``check_case`` are the setup and the verdict of the engine workers (ZeRO-3,
+FSDP2, accelerate)."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,16 @@ def reference_and_copy(options: dict | None):
     if options is not None:
         mst.apply(model, **options)
     return ref, model, batch, loss.detach()
+
+
+def check_case(name: str, loss, grads, ref) -> None:
+    """The verdict of an engine worker's case: every ``(parameter name, full gradient)`` of ``grads`` equals the
+    reference model's gradient of the same position (``torch.testing.assert_close`` defaults), then rank 0 prints
+    ``CASE <name> OK loss=...`` (the runner looks for that line)."""
+    import torch
+    import torch.distributed as dist
+
+    for (n, grad), (_, p_ref) in zip(grads, ref.named_parameters()):
+        torch.testing.assert_close(grad, p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"CASE {name} OK loss={loss.item():.6f}", flush=True)

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 import mst
-from tests.distributed import WHOLE_LAYER
+from tests.distributed import WHOLE_LAYER, check_case
 from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
 
 CASES = {"vanilla": None, "mst": {"mlp_chunk_tokens": 16}, "mst_whole_layer": WHOLE_LAYER}
@@ -49,11 +49,8 @@ def run_case(accelerator: Accelerator, name: str, options: dict | None, steps: i
             loss = model(**b).loss
             accelerator.backward(loss)
             torch.testing.assert_close(loss.detach() / steps, loss_ref.detach())
-    for (n, p), (_, p_ref) in zip(accelerator.unwrap_model(model).named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
+    check_case(name, loss, ((n, p.grad) for n, p in accelerator.unwrap_model(model).named_parameters()), ref)
     optimizer.zero_grad()
-    if accelerator.is_main_process:
-        print(f"CASE {name} OK loss={loss.item():.6f}", flush=True)
 
 
 def main() -> None:

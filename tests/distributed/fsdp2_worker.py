@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-from tests.distributed import WHOLE_LAYER, reference_and_copy
+from tests.distributed import WHOLE_LAYER, check_case, reference_and_copy
 
 CASES = {  # name -> (mst.apply options or None for the unpatched model, model state on the host)
     "vanilla": (None, False),
@@ -34,10 +34,7 @@ def run_case(name: str, options: dict | None, on_host: bool) -> None:
     loss = model(**batch).loss
     loss.backward()
     torch.testing.assert_close(loss.detach(), expected)
-    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
-    if dist.get_rank() == 0:
-        print(f"CASE {name} OK loss={loss.item():.6f}", flush=True)
+    check_case(name, loss, ((n, p.grad.full_tensor()) for n, p in model.named_parameters()), ref)
 
 
 def main() -> None:

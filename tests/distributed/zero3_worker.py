@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from tests.distributed import WHOLE_LAYER, reference_and_copy
+from tests.distributed import WHOLE_LAYER, check_case, reference_and_copy
 
 # persistence threshold 0: every parameter is partitioned (by default DeepSpeed keeps ones under 1e5 elements, i.e.
 # all of a tiny model's, whole on every rank)
@@ -42,11 +42,8 @@ def run_case(name: str, options: dict | None, config: dict) -> None:
     loss = engine(**batch).loss
     engine.backward(loss)
     torch.testing.assert_close(loss.detach(), expected)
-    for (n, p), (_, p_ref) in zip(engine.module.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(safe_get_full_grad(p), p_ref.grad, msg=lambda m, n=n: f"{name}: grad of {n}: {m}")
+    check_case(name, loss, ((n, safe_get_full_grad(p)) for n, p in engine.module.named_parameters()), ref)
     engine.destroy()
-    if dist.get_rank() == 0:
-        print(f"CASE {name} OK loss={loss.item():.6f}", flush=True)
 
 
 def main() -> None:
