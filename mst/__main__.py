@@ -6,6 +6,11 @@
     python -m mst plan --model llama3-8b --optimizer adamw_in_backward --engine traced --norms
     python -m mst plan --model llama3-8b --optimizer adamw_in_backward --engine traced --norms --attention
     python -m mst plan --model llama3-8b --engine traced --strategy mst_offload --seq-len 262144 --explain
+    python -m mst plan --model llama3-8b --engine traced --norms --attention --strategy mst_offload --model-state host
+
+Each row also estimates the step's time: FLOPs at ``--tflops`` (sustained, default 400) and host traffic at
+``--host-gbps`` (default 25), see ``mst.memory.planner.cost``; ``--model-state host`` plans weights, gradients and
+Adam states on the host through DeepSpeed ZeRO-3 offload, the host column then includes them.
 
 Bad input (unknown model, a missing or invalid config file, numbers that are not a real card or model such as NaN,
 a negative reserve or a zero head count, a model whose weights and optimizer state alone exceed the GPU, invalid
@@ -23,7 +28,9 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .memory.planner import DEFAULT_RESERVE_GB, ENGINES, Budget, Plan, max_seq_len, plan
+from .memory.planner import (DEFAULT_RESERVE_GB, ENGINES, MODEL_STATES, Budget, Plan, StepCost, max_seq_len, plan,
+                             step_cost)
+from .memory.planner.cost import DEFAULT_HOST_GBPS, DEFAULT_TFLOPS
 from .memory.planner.spec import check_config_sizes
 from .memory.strategies import OPTIMIZERS, STRATEGIES
 
@@ -69,7 +76,8 @@ def _rows(args) -> dict[str, Row]:
     Budget(args.gpu_mem_gb, args.reserve_gb)  # also when --seq-len skips the search: the header prints both
     config = _load(args.model)
     common = dict(sp_size=args.sp_size, gpu_mem_gb=args.gpu_mem_gb, optimizer=args.optimizer, dtype=DTYPES[args.dtype],
-                  grad_accumulation=args.grad_accumulation, engine=args.engine, batch_size=args.batch_size)
+                  grad_accumulation=args.grad_accumulation, engine=args.engine, batch_size=args.batch_size,
+                  model_state=args.model_state)
     options = {name: True for name in ("norms", "attention") if getattr(args, name)}
     if args.explain and args.engine != "traced":
         raise ValueError("--explain lists the traced engine's tensors: add --engine traced")
@@ -91,10 +99,12 @@ def _table(args, rows: dict[str, Row]) -> str:
     head = (f"{args.model}: {args.sp_size} x {args.gpu_mem_gb:g} GiB ({args.reserve_gb:g} GiB reserve), {args.dtype}, "
             f"{args.optimizer}{', grad accumulation' if args.grad_accumulation else ''}, batch {args.batch_size}, "
             f"{args.engine} engine{', norms in mini-sequences (mst strategies)' if args.norms else ''}"
-            f"{', mini-sequence attention (mst strategies)' if args.attention else ''}")
+            f"{', mini-sequence attention (mst strategies)' if args.attention else ''}"
+            f"{', model state on the host (ZeRO-3 offload)' if args.model_state == 'host' else ''}; "
+            f"time at {args.tflops:g} TFLOP/s and {args.host_gbps:g} GB/s host link (assumed)")
     label = "seq len" if args.seq_len is not None else "max seq len"
     lines = [head, f"{'strategy':<12} {label:>11} {'peak GiB':>9} " + " ".join(f"{c[:11]:>11}" for c in COLUMNS)
-             + "  peak phase (host GiB)"]
+             + f" {'step s':>8}  peak phase (host GiB)"]
     notes = []
     for strategy, (length, p, capped) in rows.items():
         if p is None:
@@ -102,12 +112,21 @@ def _table(args, rows: dict[str, Row]) -> str:
             continue
         cells = " ".join(f"{p.breakdown[c] / GiB:>11.2f}" for c in COLUMNS)
         host = f" ({p.host_bytes / GiB:.1f})" if p.host_bytes else ""
-        lines.append(f"{strategy:<12} {length:>11} {p.peak_gib:>9.2f} {cells}  {p.phase}{host}")
+        seconds = _cost(args, strategy, length).step_s
+        lines.append(f"{strategy:<12} {length:>11} {p.peak_gib:>9.2f} {cells} {seconds:>8.1f}  {p.phase}{host}")
         if capped:
             notes.append(f"{strategy}: max seq len at least {length} (the search cap); its row plans that length")
     if args.explain:
         notes += _explain(args, rows)
     return "\n".join(lines + notes)
+
+
+def _cost(args, strategy: str, length: int) -> StepCost:
+    """The step's FLOPs, host traffic and time at ``length`` tokens (``mst.memory.planner.cost``)."""
+    return step_cost(_load(args.model), length, strategy, sp_size=args.sp_size, batch_size=args.batch_size,
+                     dtype=DTYPES[args.dtype], model_state=args.model_state,
+                     attention=args.attention and strategy.startswith("mst"), tflops=args.tflops,
+                     host_gbps=args.host_gbps)
 
 
 def _explain(args, rows: dict[str, Row], top: int = 12) -> list[str]:
@@ -137,8 +156,11 @@ def _json(args, rows: dict[str, Row]) -> str:
     return json.dumps({"model": args.model, "sp_size": args.sp_size, "gpu_mem_gb": args.gpu_mem_gb,
                        "reserve_gb": args.reserve_gb, "dtype": args.dtype, "optimizer": args.optimizer,
                        "grad_accumulation": args.grad_accumulation, "engine": args.engine,
-                       "batch_size": args.batch_size, "norms": args.norms, "attention": args.attention, **lengths,
-                       "plans": {s: (p.to_dict() if p else None) for s, (_, p, _) in rows.items()}}, indent=1)
+                       "batch_size": args.batch_size, "norms": args.norms, "attention": args.attention,
+                       "model_state": args.model_state, **lengths,
+                       "plans": {s: (p.to_dict() if p else None) for s, (_, p, _) in rows.items()},
+                       "costs": {s: (_cost(args, s, n).to_dict() if p else None) for s, (n, p, _) in rows.items()}},
+                      indent=1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,6 +189,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="list the tensors alive at a layer-backward peak, in bytes per token (traced engine; the JSON "
                         "always has them as peak_tensors)")
+    p.add_argument("--model-state", choices=MODEL_STATES, default="device",
+                   help="where weights, gradients and Adam states live: device (default) or host (DeepSpeed ZeRO-3 "
+                        "offload_param + offload_optimizer; needs --optimizer adamw, which then runs on the host)")
+    p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
+                   help=f"sustained TFLOP/s per GPU for the step-time estimate (default {DEFAULT_TFLOPS:g}, assumed)")
+    p.add_argument("--host-gbps", type=float, default=DEFAULT_HOST_GBPS,
+                   help=f"host link GB/s per direction for the transfer time (default {DEFAULT_HOST_GBPS:g}, assumed)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=None, help="plan this length instead of searching the maximum")
     p.add_argument("--granularity", type=int, default=256, help="search step in tokens (default 256)")
@@ -178,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         rows = _rows(args)
+        text = _json(args, rows) if args.json else _table(args, rows)
     except ValueError as exc:  # the planner's and the loader's verdict on the input
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    print(_json(args, rows) if args.json else _table(args, rows))
+    print(text)
     return 0
 
 

@@ -126,6 +126,9 @@ def _error_line(capsys) -> str:
     (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
     (["--granularity", "0"], "granularity must be a positive integer, got 0"),
     (["--seq-len", "4096", "--reserve-gb", "-1"], "reserve_gb"),  # checked even when nothing is searched
+    (["--tflops", "nan"], "tflops must be a positive finite number, got nan"),
+    (["--host-gbps", "-1"], "host_gbps must be a positive finite number, got -1.0"),
+    (["--model-state", "host", "--optimizer", "adamw_in_backward"], "use optimizer='adamw'"),
 ])
 def test_nonsense_numbers_exit_2(capsys, options: list[str], message: str):
     assert main(["plan", "--model", "llama3-8b", "--strategy", "mst", *options]) == 2

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..quantization import quantized_weight_bytes
-from .spec import FP32, Budget, GiB, ModelSpec, Workload
+from .spec import FP32, Budget, GiB, ModelSpec, Workload, ZeroOffload
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class Plan:
     breakdown: dict[str, int]  # weights, gradients, optimizer_state, activations, transient
     phase: str  # the step phase that sets the peak
     phases: dict[str, int] = field(default_factory=dict)  # every candidate phase's total
-    host_bytes: int = 0  # checkpoints held in CPU memory (mst_offload)
+    host_bytes: int = 0  # this rank's bytes in CPU memory: checkpoints (mst_offload), model state (model_state="host")
+    model_state: str = "device"
     # at a layer-backward peak (traced engine): the layer's tensors alive then, {"op", "dtype", "shape", "bytes"}
     peak_tensors: list[dict] = field(default_factory=list)
     seq_len: int = 0
@@ -101,8 +102,26 @@ def adam_step_temporaries(device: str, per_parameter: bool) -> int:
     return 1 if per_parameter and device == "cuda" else 2
 
 
+def host_state_bytes(spec: ModelSpec, wl: Workload, zero: ZeroOffload = ZeroOffload()) -> dict[str, int]:
+    """Device bytes of the model state under ZeRO-3 offload at each kind of phase ("layer", "head", "embedding"),
+    and its host bytes on this rank ("host"; ZeRO partitions over all ``sp_size`` ranks). See ``ZeroOffload``."""
+    act, small = wl.act_bytes, zero.param_persistence_threshold
+    shapes = spec.layer_param_shapes()
+    resident = (spec.layers * sum(n for n in shapes if n <= small) + spec.hidden) * act + spec.buffer_bytes
+    resident += zero.reduce_bucket_size * act  # the gradient bucket, allocated at engine start
+    prefetch = zero.prefetch_bucket_size * act
+    layer = sum(n for n in shapes if n > small) * act
+    embed = spec.embed_params * act
+    head = embed if spec.tied else (spec.head_params - spec.hidden) * act
+    return {"layer": resident + layer + prefetch, "head": resident + head + prefetch,
+            "embedding": resident + embed + prefetch,
+            "host": zero.host_bytes_per_param * spec.params // wl.sp_size}
+
+
 def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfile, engine: str) -> Plan:
-    """Peak and breakdown of one training step from the component profiles (see the module docstring)."""
+    """Peak and breakdown of one training step from the component profiles (see the module docstring). With
+    ``model_state="host"`` the persistent terms are ZeRO-3 offload's (``host_state_bytes``): the weights a phase
+    has gathered, no optimizer state, and no gradient outlives its layer's backward on the device."""
     act, n_layers = wl.act_bytes, spec.layers
     if wl.frozen:  # k-bit frozen projections, everything else frozen in the model dtype, LoRA adapters trained
         linears = spec.layer_linears()
@@ -121,9 +140,18 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
     opt_state = 2 * trainable * act + (FP32 * n_tensors if wl.device == "cpu" else 0)
     grads_all = trainable * act
     in_backward = wl.optimizer == "adamw_in_backward"
-    resident = grads_all if wl.grad_accumulation else 0  # gradients alive through the whole micro-step
+    resident = grads_all if wl.grad_accumulation and not wl.host_state else 0  # gradients alive all micro-step
     hidden = wl.tokens * spec.hidden * act  # one hidden state (the incoming gradient of a layer has this size)
     host = layer.offloadable if wl.offload else 0
+    zero = host_state_bytes(spec, wl) if wl.host_state else None
+    kinds = {"last layer": "layer", "LM head": "head", "top layer": "layer", "bottom layer": "layer",
+             "embedding": "embedding"}
+
+    def state(name: str) -> tuple[int, int]:
+        """(weights, optimizer state) on the device during phase ``name``."""
+        if zero is None:
+            return weights, opt_state
+        return zero[next(kind for key, kind in kinds.items() if key in name)], 0
     stacked = layer.saved - (host if wl.device == "cuda" else 0)  # device bytes one layer keeps till backward
 
     def grads(made_before: int) -> int:
@@ -131,14 +159,15 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
         each gradient after its update; with accumulation every gradient is resident all along."""
         if wl.grad_accumulation:
             return resident
-        return 0 if in_backward else made_before
+        return 0 if in_backward or wl.host_state else made_before
 
     head_left = head.bwd_end - head.bwd_end_grads - hidden  # what the head leaves besides its grads and dh
-    phases: dict[str, tuple[int, int, int]] = {}  # name -> (total, gradients, activations)
+    phases: dict[str, tuple[int, int, int, int, int]] = {}  # name -> (total, weights, opt, gradients, activations)
 
     def add(name: str, grads_alive: int, stack: int, peak: int, peak_grads: int = 0, own_saved: int = 0):
         """One candidate: persistent terms + stacked activations + one component's peak (+ its own saved)."""
-        phases[name] = (weights + opt_state + grads_alive + stack + peak, grads_alive + peak_grads, stack + own_saved)
+        w, o = state(name)
+        phases[name] = (w + o + grads_alive + stack + peak, w, o, grads_alive + peak_grads, stack + own_saved)
 
     add("forward: last layer", resident, head.shared + (n_layers - 1) * stacked, layer.fwd_peak)
     add("forward: LM head + loss", resident, head.shared + n_layers * stacked, head.fwd_peak)
@@ -152,20 +181,22 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
     last_update = adam_step_temporaries(wl.device, True) * largest * act if in_backward else 0
     add("backward: embedding", grads(n_layers * layer_grads), 0, head.embed_bwd_peak + last_update * (resident > 0),
         head.embed_bwd_peak_grads)
-    if wl.optimizer == "adamw":
+    if wl.optimizer == "adamw" and zero is None:  # with the model state on the host, so is the step
         add("optimizer step", grads_all, 0, adam_step_temporaries(wl.device, False) * largest * act)
 
     name = max(phases, key=lambda k: phases[k][0])
-    total, grads_at_peak, activations = phases[name]
-    breakdown = {"weights": weights, "gradients": grads_at_peak, "optimizer_state": opt_state,
-                 "activations": activations, "transient": total - weights - opt_state - grads_at_peak - activations}
+    total, weights_now, opt_now, grads_at_peak, activations = phases[name]
+    breakdown = {"weights": weights_now, "gradients": grads_at_peak, "optimizer_state": opt_now,
+                 "activations": activations,
+                 "transient": total - weights_now - opt_now - grads_at_peak - activations}
     tensors = [{"op": op, "dtype": dtype, "shape": list(shape), "bytes": size}
                for (op, dtype, shape), size in layer.bwd_peak_tensors] if name.endswith("layer") else []
     return Plan(peak_bytes=total, breakdown=breakdown, phase=name, phases={k: v[0] for k, v in phases.items()},
-                host_bytes=n_layers * host, peak_tensors=tensors, seq_len=wl.seq_len, strategy=wl.strategy,
+                host_bytes=n_layers * host + (zero["host"] if zero else 0), model_state=wl.model_state,
+                peak_tensors=tensors, seq_len=wl.seq_len, strategy=wl.strategy,
                 engine=engine, model_type=spec.model_type, sp_size=wl.sp_size, batch_size=wl.batch_size,
                 dtype=str(wl.dtype).split(".")[-1], optimizer=wl.optimizer, grad_accumulation=wl.grad_accumulation,
                 device=wl.device)
 
 
-__all__ = ["GiB", "HeadProfile", "LayerProfile", "Plan", "adam_step_temporaries", "compose"]
+__all__ = ["GiB", "HeadProfile", "LayerProfile", "Plan", "adam_step_temporaries", "compose", "host_state_bytes"]

@@ -10,8 +10,10 @@ The planner predicts what tensors hold (the number ``torch.cuda.max_memory_alloc
 rounding): on a GPU add the CUDA context, cuBLAS workspaces and fragmentation, hence ``reserve_gb``.
 Sequence parallelism (``sp_size`` > 1, DeepSpeed-Ulysses): each rank holds S / sp_size tokens for the MLP, norms, LM head
 and checkpoints, and attention runs on heads / sp_size over the full sequence, which is the same number of bytes;
-weights, gradients and optimizer state are replicated (no ZeRO). The all-to-all adds one set of q, k, v buffers to
-a layer's forward and backward peak.
+weights, gradients and optimizer state are replicated (no ZeRO) unless ``model_state="host"``: then they live on
+the host through DeepSpeed ZeRO-3 offload, partitioned over the ranks (``ZeroOffload``), and the device holds the
+gathered parameters of the running module and the gradient bucket. The all-to-all adds one set of q, k, v buffers
+to a layer's forward and backward peak.
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def _resolve(config: PretrainedConfig | str) -> PretrainedConfig:
 def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *, sp_size: int = 1, gpu_mem_gb: float = 80.0,
          optimizer: str = "adamw", dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False,
          engine: str = "analytic", batch_size: int = 1, device: str = "cuda",
-         mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> Plan:
+         mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16,
+         model_state: str = "device") -> Plan:
     """Predicted peak memory of one training step of ``config`` (an HF config or a ``mst.configs`` name).
 
     strategy: "vanilla" | "ac" | "mst" | "mst_offload"; optimizer: "adamw" (for-loop AdamW, the repo's training
@@ -66,6 +69,9 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     intermediates). ``quantization`` ("int8" | "nf4", analytic engine): frozen k-bit projections with rank
     ``lora_rank`` LoRA adapters trained (``mst.memory.quantization``, the paper's Table 5); the bitsandbytes and
     LoRA intermediates are modelled as one dequantized weight per matmul (the adapters' rank-r tensors are ignored).
+    ``model_state``: "device" (weights, gradients, AdamW states on the GPU) | "host" (DeepSpeed ZeRO-3 with
+    ``offload_param`` and ``offload_optimizer``: the plan's ``host_bytes`` then include this rank's 18 bytes per
+    parameter, see ``ZeroOffload``; needs ``optimizer="adamw"``, which then runs on the host).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -75,7 +81,7 @@ def plan(config: PretrainedConfig | str, seq_len: int, strategy: str = "mst", *,
     wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp_size=sp_size, dtype=dtype,
                   optimizer=optimizer, grad_accumulation=grad_accumulation, device=device,
                   mst_options=tuple(sorted((mst_options or {}).items())), quantization=quantization,
-                  lora_rank=lora_rank)
+                  lora_rank=lora_rank, model_state=model_state)
     wl.check_heads(spec)
     if quantization and engine != "analytic":
         raise ValueError("quantized training is modelled by the analytic engine only (engine='analytic')")
@@ -99,7 +105,8 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, sp_siz
                 reserve_gb: float = DEFAULT_RESERVE_GB, optimizer: str = "adamw",
                 dtype: torch.dtype = torch.bfloat16, grad_accumulation: bool = False, engine: str = "analytic",
                 batch_size: int = 1, granularity: int = 256, max_len: int = DEFAULT_MAX_LEN, device: str = "cuda",
-                mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16) -> MaxSeqLen:
+                mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16,
+                model_state: str = "device") -> MaxSeqLen:
     """Longest sequence (a multiple of ``granularity`` x ``sp_size``, at most ``max_len``) whose planned peak fits
     ``gpu_mem_gb`` GiB minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak
     grows with S). The result is an int whose ``capped`` is True when the search reached ``max_len`` without
@@ -118,26 +125,48 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, sp_siz
         raise ValueError(f"max_len {max_len} is less than one search step of {step} tokens (granularity x sp_size)")
     kwargs = dict(sp_size=sp_size, gpu_mem_gb=gpu_mem_gb, optimizer=optimizer, dtype=dtype,
                   grad_accumulation=grad_accumulation, engine=engine, batch_size=batch_size, device=device,
-                  mst_options=mst_options, quantization=quantization, lora_rank=lora_rank)
+                  mst_options=mst_options, quantization=quantization, lora_rank=lora_rank, model_state=model_state)
     config = _resolve(config)
 
-    def fits(granules: int) -> bool:
-        return plan(config, granules * step, strategy, **kwargs).peak_bytes <= budget.usable_bytes
+    limit = budget.usable_bytes
+
+    def peak(granules: int) -> int:
+        return plan(config, granules * step, strategy, **kwargs).peak_bytes
 
     first = plan(config, step, strategy, **kwargs)
     static = first.breakdown["weights"] + first.breakdown["optimizer_state"] + (
         first.breakdown["gradients"] if grad_accumulation else 0)
-    if static > budget.usable_bytes:
+    if static > limit:
         raise ValueError(f"weights and optimizer state alone need {static / GiB:.1f} GiB, more than the "
                          f"{gpu_mem_gb - reserve_gb:.1f} GiB budget ({gpu_mem_gb} GiB - {reserve_gb} GiB reserve)")
-    if first.peak_bytes > budget.usable_bytes:
+    if first.peak_bytes > limit:
         return MaxSeqLen(0)
     most = max_len // step  # granules under the cap
-    lo, hi = 1, 2
-    while hi <= most and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, most + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    lo, hi = _bracket_search(peak, limit, first.peak_bytes, most)
     return MaxSeqLen(lo * step, capped=lo == most)
+
+
+def _bracket_search(peak, limit: float, first_peak: int, most: int) -> tuple[int, int]:
+    """The largest granule count ``lo`` in [1, most] with ``peak(lo) <= limit`` (``peak(1)`` known to fit, peak
+    increasing), and ``hi = lo + 1``. Each guess is the linear interpolation of the two latest peaks, aimed 2% past
+    the limit while no overflow is known, and alternated with bisection once bracketed, so a near-linear peak is
+    found in a handful of plans (a traced plan at full size takes seconds) and any monotone one still exactly."""
+    lo, lo_peak, hi, hi_peak = 1, first_peak, most + 1, None
+    prev, prev_peak = None, None
+    bisect = False
+    while hi - lo > 1:
+        if hi_peak is None:  # no overflow seen yet: extrapolate past the limit (double without a slope)
+            slope = (lo_peak - prev_peak) / (lo - prev) if prev is not None else 0
+            guess = max(lo + (limit - lo_peak) / slope * 1.02 + 1 if slope > 0 else 2 * lo, 1.25 * lo)
+        elif bisect:
+            guess = (lo + hi) / 2
+        else:  # interpolate inside the bracket
+            guess = lo + (limit - lo_peak) * (hi - lo) / (hi_peak - lo_peak)
+        bisect = hi_peak is not None and not bisect
+        x = min(max(int(guess), lo + 1), hi - 1)
+        x_peak = peak(x)
+        if x_peak <= limit:
+            prev, prev_peak, lo, lo_peak = lo, lo_peak, x, x_peak
+        else:
+            hi, hi_peak = x, x_peak
+    return lo, hi

@@ -30,6 +30,30 @@ from ..strategies import OPTIMIZERS, STRATEGIES
 FP32 = 4  # bytes: RMSNorm statistics, loss logits and the chunked LM head's gradient accumulator are fp32
 INT64 = 8
 GiB = 1024 ** 3
+MODEL_STATES = ("device", "host")
+
+
+@dataclass(frozen=True)
+class ZeroOffload:
+    """DeepSpeed ZeRO-3 with ``offload_param`` and ``offload_optimizer`` to the CPU (DeepSpeedCPUAdam), the engine
+    behind ``model_state="host"``. Defaults are DeepSpeed's own (``deepspeed/runtime/zero/config.py``), the ones
+    ALST's 500K recipe runs with (it sets none of them).
+
+    Device side: parameters of at most ``param_persistence_threshold`` elements (norm weights) stay resident; the
+    others are bf16 partitions on the host, gathered module by module. Counted as gathered at a layer phase: the
+    whole layer (DeepSpeed keeps a module's parameters while they are reused within ``max_reuse_distance``, 1e9
+    elements: a checkpointed layer's recompute and backward reuse them) plus the prefetch bucket; at the head /
+    embedding: that matrix plus the prefetch bucket. Gradients go through one reduce bucket of
+    ``reduce_bucket_size`` elements, allocated on the device at engine start (``stage3.py``), then to the host.
+    Host side, per parameter: bf16 partition 2 + fp32 master 4 + fp32 gradient partition 4 + Adam exp_avg and
+    exp_avg_sq 8 = 18 bytes (DeepSpeed's ``estimate_zero3_model_states_mem_needs`` uses the same 18, times a 1.5
+    buffer factor for pinned-memory slack, which is not counted here).
+    """
+
+    reduce_bucket_size: int = 500_000_000
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    host_bytes_per_param: int = 18
 # ModelSpec field -> the HF config key it is read from (error messages name the key a user can fix)
 CONFIG_SIZES = {"hidden": "hidden_size", "intermediate": "intermediate_size", "layers": "num_hidden_layers",
                 "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
@@ -232,6 +256,7 @@ class Workload:
     mst_options: tuple = ()  # extra ``mst.apply`` options as (name, value) pairs (traced engine only)
     quantization: str | None = None  # "int8" | "nf4": frozen k-bit projections + LoRA (mst.memory.quantization)
     lora_rank: int = 16
+    model_state: str = "device"  # "host": weights, gradients and Adam on the CPU through ZeRO-3 (``ZeroOffload``)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -252,6 +277,16 @@ class Workload:
         if not isinstance(self.grad_accumulation, bool):  # a count here (1 = "no accumulation") would read as True
             raise ValueError(f"grad_accumulation is a flag (True: plan a micro-step of an accumulation window, "
                              f"gradients resident; the planner takes no step count), got {self.grad_accumulation!r}")
+        if self.model_state not in MODEL_STATES:
+            raise ValueError(f"model_state must be one of {MODEL_STATES}, got {self.model_state!r}")
+        if self.model_state == "host":
+            if self.device != "cuda":
+                raise ValueError("model_state='host' plans a GPU with its host: on device='cpu' both are one memory")
+            if self.optimizer != "adamw":
+                raise ValueError("model_state='host' steps AdamW on the host after backward (DeepSpeedCPUAdam): "
+                                 f"use optimizer='adamw', not {self.optimizer!r}")
+            if self.quantization is not None:
+                raise ValueError("model_state='host' with quantized weights is not modelled")
 
     @property
     def local_seq(self) -> int:
@@ -266,6 +301,11 @@ class Workload:
     @property
     def act_bytes(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def host_state(self) -> bool:
+        """Model state on the host (ZeRO-3 offload): the device holds only gathered parameters and buckets."""
+        return self.model_state == "host"
 
     @property
     def checkpointed(self) -> bool:
