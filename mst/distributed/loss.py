@@ -15,8 +15,8 @@ dL/dtheta. (``torch.distributed.nn.all_reduce`` would all-reduce the seeds too a
 
 Gradients. The parameters are replicated, so rank r holds only its partial dL/dtheta. ``reduce_gradients`` sums
 them over the SP group and averages over data-parallel replicas in the same collective (an all-reduce over the
-whole world divided by dp), once per step, in dtype buckets. Under DDP / ZeRO, let those do this reduction instead
-over the same ranks (sum over SP, mean over DP).
+whole world divided by dp), once per step, in dtype buckets. Under DDP / ZeRO, which average over every rank, let
+those reduce instead and pass ``sp_loss(..., world_average=True)`` (the double-averaging seed below).
 
 Double gradient averaging (LSS, backends with ``double_averaging``): the LSS Transformer averages gradients over
 the sequence-parallel and data-parallel groups together, i.e. one all-reduce over the whole sp x dp grid divided by
@@ -65,12 +65,14 @@ def _placement(model: nn.Module, sp: SequenceParallel | None) -> SequenceParalle
 
 
 def sp_loss(model: nn.Module, shard: Mapping[str, torch.Tensor], sp: SequenceParallel | None = None, *,
-            ignore_index: int = -100) -> torch.Tensor:
+            ignore_index: int = -100, world_average: bool = False) -> torch.Tensor:
     """Forward ``model`` on this rank's ``shard`` (from ``shard_batch``) and return the exact global mean loss.
 
     Works for an unpatched HF model (vanilla Ulysses: HF's loss with ``shift_labels``) and for one patched by
     ``mst.apply`` (chunked LM-head). The returned value is identical on all ranks of the SP group; call
-    ``.backward()`` on every rank, then ``reduce_gradients(model)``.
+    ``.backward()`` on every rank, then ``reduce_gradients(model)``. ``world_average=True`` when an engine reduces
+    the gradients instead by averaging over every rank, SP ranks included (DeepSpeed ZeRO, DDP over the world):
+    each rank's term is then seeded with sp, as under double averaging (module docstring).
     """
     sp = _placement(model, sp)
     labels = shard["shift_labels"]
@@ -81,7 +83,8 @@ def sp_loss(model: nn.Module, shard: Mapping[str, torch.Tensor], sp: SequencePar
                 shift_labels=labels, num_items_in_batch=count, ignore_index=ignore_index, use_cache=False)
     if sp.size == 1:
         return out.loss
-    return _SumOverGroup.apply(out.loss, sp.group, sp.size if BACKENDS[sp.backend].double_averaging else 1)
+    averaged = world_average or BACKENDS[sp.backend].double_averaging
+    return _SumOverGroup.apply(out.loss, sp.group, sp.size if averaged else 1)
 
 
 def reduce_gradients(model: nn.Module, sp: SequenceParallel | None = None, *,

@@ -11,7 +11,10 @@ backward: per chunk, head_fn again with grad enabled, from that chunk's forward 
 ``recompute.ChunkRNGStates``) and under the forward's autocast; the logits gradient in closed form (softmax -
 onehot, ``lm_head_common``, shared with ``chunked_lm_head_loss``); autograd then gives the hidden chunk's and the
 params' gradients, which are summed over chunks (fp32 for bf16/fp16 params, ``recompute.ParamGrads``).
-Chunks whose labels are all ignored are skipped in both passes: head_fn is not called on them.
+Chunks whose labels are all ignored are skipped in both passes: head_fn is not called on them; except with DeepSpeed
+ZeRO-3 parameters, which every call of the head module gathers with a collective: there every chunk runs, so ranks
+with the same token count (ZeRO-3's own requirement for tiled compute, as DeepSpeed's TiledMLP documents) make the
+same calls whatever their labels (a rank whose shard ends in padding skipped chunks and the others waited for it).
 
 Legend: N = tokens (batch x seq flattened), d = hidden, V = vocab, C = chunk tokens.
 Memory: one chunk's C x V logits and their fp32 copies at a time, plus the saved N x d hidden states.
@@ -27,7 +30,7 @@ from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
                              _loss_divisor, _reduce, lm_head_chunk_tokens, softmax_and_lse, token_losses)
-from .recompute import ChunkRNGStates, ParamGrads, autocast_state
+from .recompute import ChunkRNGStates, ParamGrads, autocast_state, zero3_partitioned
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
 _N_ARGS = 6  # ChunkedModuleLMHeadLossFunction.forward's inputs before *params
@@ -155,8 +158,11 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
     divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor,
                       label_smoothing=label_smoothing, z_loss=z_loss)
-    starts = _labelled_chunks(flat_y != ignore_index, chunk)
     params = tuple(params)
+    if zero3_partitioned(params):  # every chunk: each head call is a collective (module docstring)
+        starts = list(range(0, flat_h.shape[0], chunk))
+    else:
+        starts = _labelled_chunks(flat_y != ignore_index, chunk)
     per_token = reduction == "none"
     if torch.is_grad_enabled() and (flat_h.requires_grad or any(p.requires_grad for p in params)):
         out = ChunkedModuleLMHeadLossFunction.apply(flat_h, flat_y, head_fn, starts, spec, per_token, *params)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd.function import FunctionCtx
 
-from .recompute import ChunkRNGStates, ParamGrads, autocast_state
+from .recompute import ChunkRNGStates, ParamGrads, autocast_state, zero3_partitioned
 
 MLPFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -150,11 +150,6 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
         return (gx, None, None, None, None, *param_grads.result())
 
 
-def _zero3_partitioned(params: Sequence[torch.Tensor]) -> bool:
-    """True for DeepSpeed ZeRO-3 parameters (they carry ``ds_id``): partitioned outside their module's forward."""
-    return any(hasattr(p, "ds_id") for p in params)
-
-
 def _zero3_backward(y: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tensor],
                     last: bool) -> None:
     """One recomputed chunk's backward for ZeRO-3 parameters, as DeepSpeed's own TiledMLP does it.
@@ -189,7 +184,7 @@ def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor]
         return _map_chunks(fn, x, chunk_tokens)
     if mode != "recompute":
         raise ValueError(f"mode must be 'recompute' or 'naive', got {mode!r}")
-    zero3 = _zero3_partitioned(params)
+    zero3 = zero3_partitioned(params)
     kept = _keep_input_for_backward(x, () if zero3 else params) if torch.is_grad_enabled() else x
     if kept.grad_fn is None:
         if zero3 and torch.is_grad_enabled() and any(p.requires_grad for p in params):

@@ -22,6 +22,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+def zero3_partitioned(params: Sequence[torch.Tensor]) -> bool:
+    """True for DeepSpeed ZeRO-3 parameters (they carry ``ds_id``): partitioned outside their module's forward, and
+    gathered by a collective at each call of their module."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype gradients of ``dtype`` are summed in: fp32 for bf16/fp16, else ``dtype`` itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -2,7 +2,7 @@
 one process: loss and every (gathered) gradient. Each worker's docstring says what it runs:
 
 - ``zero3_worker.py``: DeepSpeed ZeRO-3 (every parameter partitioned; DeepSpeed's CPU accelerator), also with
-  parameters and AdamW offloaded to the host. The regression it guards: the mini-sequence MLP's backward failed under
+  parameters and AdamW offloaded to the host, and together with DeepSpeed-Ulysses over all ranks. The regression it guards: the mini-sequence MLP's backward failed under
   ZeRO-3 ("LinearFunctionForZeroStage3Backward returned an invalid gradient at index 1 - got [32, 64] but expected
   shape compatible with [0]"; ``mst.ops.mini_sequence_mlp._zero3_backward``).
 - ``fsdp2_worker.py``: FSDP2 ``fully_shard`` per decoder layer, also with ``CPUOffloadPolicy``.
@@ -19,7 +19,7 @@ from tests.distributed import run_sp_worker
 HERE = Path(__file__).parent
 ENGINES = {  # worker -> the cases it prints (its CASES)
     "zero3_worker.py": ["vanilla", "mst", "mst_whole_layer", "mst_offload", "mst_no_checkpointing",
-                        "mst_whole_layer_state_on_host"],
+                        "mst_whole_layer_state_on_host", "ulysses_mst", "ulysses_whole_layer_state_on_host"],
     "fsdp2_worker.py": ["vanilla", "mst", "mst_whole_layer", "vanilla_state_on_host",
                         "mst_whole_layer_state_on_host"],
     "accelerate_worker.py": ["vanilla", "mst", "mst_whole_layer"],

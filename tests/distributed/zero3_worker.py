@@ -6,7 +6,7 @@ Every rank builds the same seeded tiny Llama (fp32), computes the loss and gradi
 one batch, then trains a patched copy under a DeepSpeed ZeRO-3 engine (parameters partitioned over the ranks, gloo,
 DeepSpeed's CPU accelerator) on that same batch on every rank, so the data-parallel average is the single-process
 gradient; the last case also puts parameters and optimizer state on the host (``offload_param``,
-``offload_optimizer``). The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must
+``offload_optimizer``); the Ulysses cases shard the sequence over all ranks under ZeRO-3. The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must
 equal the reference (``torch.testing.assert_close`` defaults). Rank 0 prints ``CASE <name> OK loss=...`` per case.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
+from mst.distributed import setup_sequence_parallel, shard_batch, sp_loss
 from tests.distributed import WHOLE_LAYER, check_case, reference_and_copy
 
 # persistence threshold 0: every parameter is partitioned (by default DeepSpeed keeps ones under 1e5 elements, i.e.
@@ -34,6 +35,10 @@ CASES = {  # name -> (mst.apply options or None for the unpatched model, DeepSpe
     "mst_no_checkpointing": ({"mlp_chunk_tokens": 16, "checkpointing": False}, CONFIG),
     "mst_whole_layer_state_on_host": ({**WHOLE_LAYER, "offload_checkpoints": True}, ON_HOST),
 }
+ULYSSES_CASES = {  # with Ulysses over all ranks (sp = world size)
+    "ulysses_mst": ({"mlp_chunk_tokens": 16}, CONFIG),
+    "ulysses_whole_layer_state_on_host": ({**WHOLE_LAYER, "offload_checkpoints": True}, ON_HOST),
+}
 
 
 def run_case(name: str, options: dict | None, config: dict) -> None:
@@ -46,10 +51,27 @@ def run_case(name: str, options: dict | None, config: dict) -> None:
     engine.destroy()
 
 
+def run_ulysses_case(name: str, options: dict, config: dict) -> None:
+    """ZeRO-3 together with DeepSpeed-Ulysses over every rank: each rank feeds its shard of the batch (61 tokens,
+    padded to the SP size), ``sp_loss(world_average=True)`` since ZeRO averages gradients over all ranks."""
+    ref, model, batch, expected = reference_and_copy(options)
+    world = dist.get_world_size()
+    sp = setup_sequence_parallel(model, world)
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    shard = shard_batch(batch, dist.get_rank(), world, pad=True)
+    loss = sp_loss(engine.module, shard, sp, world_average=True)
+    engine.backward(loss)
+    torch.testing.assert_close(loss.detach(), expected)
+    check_case(name, loss, ((n, safe_get_full_grad(p)) for n, p in engine.module.named_parameters()), ref)
+    engine.destroy()
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     for name, (options, config) in CASES.items():
         run_case(name, options, config)
+    for name, (options, config) in ULYSSES_CASES.items():
+        run_ulysses_case(name, options, config)
     dist.barrier()
     dist.destroy_process_group()
 
