@@ -5,7 +5,7 @@ one process: loss and every (gathered) gradient. Each worker's docstring says wh
   parameters and AdamW offloaded to the host, and together with DeepSpeed-Ulysses over all ranks. The regression it guards: the mini-sequence MLP's backward failed under
   ZeRO-3 ("LinearFunctionForZeroStage3Backward returned an invalid gradient at index 1 - got [32, 64] but expected
   shape compatible with [0]"; ``mst.ops.mini_sequence_mlp._zero3_backward``).
-- ``fsdp2_worker.py``: FSDP2 ``fully_shard`` per decoder layer, also with ``CPUOffloadPolicy``.
+- ``fsdp2_worker.py``: FSDP2 ``fully_shard`` per decoder layer, also with ``CPUOffloadPolicy``, and with Ulysses.
 - ``accelerate_worker.py``: accelerate's DDP with gradient accumulation (``Accelerator.accumulate``).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ ENGINES = {  # worker -> the cases it prints (its CASES)
     "zero3_worker.py": ["vanilla", "mst", "mst_whole_layer", "mst_offload", "mst_no_checkpointing",
                         "mst_whole_layer_state_on_host", "ulysses_mst", "ulysses_whole_layer_state_on_host"],
     "fsdp2_worker.py": ["vanilla", "mst", "mst_whole_layer", "vanilla_state_on_host",
-                        "mst_whole_layer_state_on_host"],
+                        "mst_whole_layer_state_on_host", "ulysses_mst_whole_layer_state_on_host"],
     "accelerate_worker.py": ["vanilla", "mst", "mst_whole_layer"],
 }
 
