@@ -13,8 +13,8 @@ onehot, ``lm_head_common``, shared with ``chunked_lm_head_loss``); autograd then
 params' gradients, which are summed over chunks (fp32 for bf16/fp16 params, ``recompute.ParamGrads``).
 Chunks whose labels are all ignored are skipped in both passes: head_fn is not called on them; except with DeepSpeed
 ZeRO-3 parameters, which every call of the head module gathers with a collective: there every chunk runs, so ranks
-with the same token count (ZeRO-3's own requirement for tiled compute, as DeepSpeed's TiledMLP documents) make the
-same calls whatever their labels (a rank whose shard ends in padding skipped chunks and the others waited for it).
+make the same calls whatever their labels (a rank whose shard ends in padding skipped chunks and the others waited
+for it), and a rank with fewer tokens runs empty chunks up to the largest count (``recompute.chunk_count_over_ranks``).
 
 Legend: N = tokens (batch x seq flattened), d = hidden, V = vocab, C = chunk tokens.
 Memory: one chunk's C x V logits and their fp32 copies at a time, plus the saved N x d hidden states.
@@ -30,7 +30,7 @@ from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
                              _loss_divisor, _reduce, lm_head_chunk_tokens, softmax_and_lse, token_losses)
-from .recompute import ChunkRNGStates, ParamGrads, autocast_state, zero3_partitioned
+from .recompute import ChunkRNGStates, ParamGrads, autocast_state, chunk_count_over_ranks, zero3_partitioned
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
 _N_ARGS = 6  # ChunkedModuleLMHeadLossFunction.forward's inputs before *params
@@ -159,8 +159,10 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor,
                       label_smoothing=label_smoothing, z_loss=z_loss)
     params = tuple(params)
-    if zero3_partitioned(params):  # every chunk: each head call is a collective (module docstring)
-        starts = list(range(0, flat_h.shape[0], chunk))
+    if zero3_partitioned(params):  # every chunk, as many as any rank has: each head call is a collective
+        n_tokens = flat_h.shape[0]
+        starts = list(range(0, n_tokens, chunk))
+        starts += [n_tokens] * (chunk_count_over_ranks(len(starts), params) - len(starts))  # empty chunks
     else:
         starts = _labelled_chunks(flat_y != ignore_index, chunk)
     per_token = reduction == "none"

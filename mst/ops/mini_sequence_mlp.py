@@ -24,17 +24,25 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd.function import FunctionCtx
 
-from .recompute import ChunkRNGStates, ParamGrads, autocast_state, zero3_partitioned
+from .recompute import ChunkRNGStates, ParamGrads, autocast_state, chunk_count_over_ranks, zero3_partitioned
 
 MLPFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int, rng: ChunkRNGStates | None = None) -> torch.Tensor:
-    """fn over chunks of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq; ``rng`` records each
-    chunk's starting RNG state for the recompute."""
+def _chunks(flat: torch.Tensor, chunk_tokens: int, n_chunks: int | None = None) -> list[torch.Tensor]:
+    """Rows of ``flat`` in chunks of ``chunk_tokens``, then empty chunks up to ``n_chunks`` (ZeRO-3: every rank makes
+    the same module calls, ``chunk_count_over_ranks``)."""
+    pieces = list(flat.split(chunk_tokens))
+    return pieces + [flat[:0]] * ((n_chunks or 0) - len(pieces))
+
+
+def _map_chunks(fn: MLPFn, x: torch.Tensor, chunk_tokens: int, rng: ChunkRNGStates | None = None,
+                n_chunks: int | None = None) -> torch.Tensor:
+    """fn over chunks of ``chunk_tokens`` tokens of ``x`` (..., d), flattened over batch x seq (padded with empty
+    chunks to ``n_chunks``); ``rng`` records each chunk's starting RNG state for the recompute."""
     flat = x.reshape(-1, x.shape[-1])  # (N, d)
     outs = []
-    for c in flat.split(chunk_tokens):
+    for c in _chunks(flat, chunk_tokens, n_chunks):
         if rng is not None:
             rng.capture()
         outs.append(fn(c))
@@ -112,25 +120,25 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, saver: torch.autograd.graph.Node, fn: MLPFn, chunk_tokens: int,
-                zero3_params: tuple[torch.Tensor, ...], *params: torch.Tensor) -> torch.Tensor:
+                n_chunks: int, zero3_params: tuple[torch.Tensor, ...], *params: torch.Tensor) -> torch.Tensor:
         """Each chunk under no_grad (no intermediates kept), its RNG state recorded for the recompute."""
         ctx.saver, ctx.params, ctx.zero3_params = saver, params, zero3_params
-        ctx.fn, ctx.chunk_tokens, ctx.autocast = fn, chunk_tokens, autocast_state(x.device.type)
-        ctx.rng = ChunkRNGStates(x)
+        ctx.fn, ctx.chunk_tokens, ctx.n_chunks = fn, chunk_tokens, n_chunks
+        ctx.autocast, ctx.rng = autocast_state(x.device.type), ChunkRNGStates(x)
         with torch.no_grad():  # detached so no chunk view claims to need grad
-            return _map_chunks(fn, x.detach(), chunk_tokens, ctx.rng)
+            return _map_chunks(fn, x.detach(), chunk_tokens, ctx.rng, n_chunks)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Recompute one chunk at a time (forward's RNG and autocast) and let autograd give its gradients."""
         (x,) = ctx.saver.saved_tensors
         want_x = ctx.needs_input_grad[0]
-        param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[5:])
+        param_grads = ParamGrads(ctx.params, ctx.needs_input_grad[6:])
         flat = x.detach().reshape(-1, x.shape[-1])
         gflat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat) if want_x else None
         start = 0
-        chunks = list(zip(flat.split(ctx.chunk_tokens), gflat.split(ctx.chunk_tokens)))
+        chunks = list(zip(*(_chunks(t, ctx.chunk_tokens, ctx.n_chunks) for t in (flat, gflat))))
         for i, (xc, gc) in enumerate(chunks):
             xc = xc.detach().requires_grad_(want_x)
             with ctx.rng.replay(i), torch.enable_grad(), torch.autocast(**ctx.autocast):
@@ -147,7 +155,7 @@ class MiniSequenceMLPFunction(torch.autograd.Function):
                 grad_x[start:start + xc.shape[0]] = grad_xc
             start += xc.shape[0]
         gx = grad_x.view_as(x) if want_x else None
-        return (gx, None, None, None, None, *param_grads.result())
+        return (gx, None, None, None, None, None, *param_grads.result())
 
 
 def _zero3_backward(y: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, params: Sequence[torch.Tensor],
@@ -178,19 +186,20 @@ def mini_sequence_mlp(x: torch.Tensor, fn: MLPFn, params: Sequence[torch.Tensor]
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
     n_tokens = x.numel() // x.shape[-1] if x.numel() else 0
-    if n_tokens <= chunk_tokens:
+    n_chunks = chunk_count_over_ranks(-(-n_tokens // chunk_tokens), params)
+    if n_chunks <= 1:
         return fn(x)
     if mode == "naive":
-        return _map_chunks(fn, x, chunk_tokens)
+        return _map_chunks(fn, x, chunk_tokens, n_chunks=n_chunks)
     if mode != "recompute":
         raise ValueError(f"mode must be 'recompute' or 'naive', got {mode!r}")
-    zero3 = zero3_partitioned(params)
+    zero3 = zero3_partitioned(params)  # then n_chunks is the largest count over the ranks
     kept = _keep_input_for_backward(x, () if zero3 else params) if torch.is_grad_enabled() else x
     if kept.grad_fn is None:
         if zero3 and torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return fn(x)  # a frozen input with ZeRO-3 parameters: no node to keep X on, so the plain module
         with torch.no_grad():  # nothing needs a gradient: no graph, no recompute
-            return _map_chunks(fn, x.detach(), chunk_tokens)
+            return _map_chunks(fn, x.detach(), chunk_tokens, n_chunks=n_chunks)
     if zero3:  # their gradients go to .grad inside backward (_zero3_backward)
-        return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, tuple(params))
-    return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, (), *params)
+        return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, n_chunks, tuple(params))
+    return MiniSequenceMLPFunction.apply(kept, kept.grad_fn, fn, chunk_tokens, n_chunks, (), *params)

@@ -20,12 +20,27 @@ import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 def zero3_partitioned(params: Sequence[torch.Tensor]) -> bool:
     """True for DeepSpeed ZeRO-3 parameters (they carry ``ds_id``): partitioned outside their module's forward, and
     gathered by a collective at each call of their module."""
     return any(hasattr(p, "ds_id") for p in params)
+
+
+def chunk_count_over_ranks(n_chunks: int, params: Sequence[torch.Tensor]) -> int:
+    """``n_chunks``; under DeepSpeed ZeRO-3 with several ranks, the largest chunk count over the ranks. Each call of
+    a ZeRO-3 module gathers its parameters with a collective, so every rank must make the same calls: a rank with
+    fewer tokens (data parallelism over sequences of different lengths) runs empty chunks for the rest, which add
+    nothing. One all-reduce of one integer per op call, only under ZeRO-3."""
+    if not zero3_partitioned(params) or not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size() == 1:
+        return n_chunks
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    count = torch.tensor([n_chunks], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,7 +19,8 @@ from tests.distributed import run_sp_worker
 HERE = Path(__file__).parent
 ENGINES = {  # worker -> the cases it prints (its CASES)
     "zero3_worker.py": ["vanilla", "mst", "mst_whole_layer", "mst_offload", "mst_no_checkpointing",
-                        "mst_whole_layer_state_on_host", "ulysses_mst", "ulysses_whole_layer_state_on_host"],
+                        "mst_whole_layer_state_on_host", "ulysses_mst", "ulysses_whole_layer_state_on_host",
+                        "mst_uneven_lengths"],
     "fsdp2_worker.py": ["vanilla", "mst", "mst_whole_layer", "vanilla_state_on_host",
                         "mst_whole_layer_state_on_host", "ulysses_mst_whole_layer_state_on_host"],
     "accelerate_worker.py": ["vanilla", "mst", "mst_whole_layer"],

@@ -6,7 +6,7 @@ Every rank builds the same seeded tiny Llama (fp32), computes the loss and gradi
 one batch, then trains a patched copy under a DeepSpeed ZeRO-3 engine (parameters partitioned over the ranks, gloo,
 DeepSpeed's CPU accelerator) on that same batch on every rank, so the data-parallel average is the single-process
 gradient; the last case also puts parameters and optimizer state on the host (``offload_param``,
-``offload_optimizer``); the Ulysses cases shard the sequence over all ranks under ZeRO-3. The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must
+``offload_optimizer``); the Ulysses cases shard the sequence over all ranks under ZeRO-3; the last feeds each rank a different length. The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must
 equal the reference (``torch.testing.assert_close`` defaults). Rank 0 prints ``CASE <name> OK loss=...`` per case.
 """
 from __future__ import annotations
@@ -66,12 +66,40 @@ def run_ulysses_case(name: str, options: dict, config: dict) -> None:
     engine.destroy()
 
 
+def run_uneven_case(name: str, options: dict, config: dict) -> None:
+    """Data parallelism over sequences of different lengths (rank r: 61 - 32 r tokens, so the ranks have different
+    MLP and LM-head chunk counts): ZeRO-3 averages the ranks' gradients, the reference is that average computed in
+    one process. Each rank must make the same ZeRO-3 module calls (``mst.ops.recompute.chunk_count_over_ranks``);
+    before, the ranks' gathers mismatched ("Received data size doesn't match expected size")."""
+    import mst
+    from tests.utils import clone_model, make_input_ids, make_labels, tiny_model
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ref = tiny_model("llama")
+    model = clone_model(ref)
+    batches = []
+    for r in range(world):
+        ids = make_input_ids(2, 61 - 32 * r, seed=r + 1)
+        batches.append({"input_ids": ids, "labels": make_labels(ids, "prefix")})
+    for batch in batches:
+        (ref(**batch).loss / world).backward()
+    expected = ref(**batches[rank]).loss.detach()
+    mst.apply(model, **options)
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    loss = engine(**batches[rank]).loss
+    engine.backward(loss)
+    torch.testing.assert_close(loss.detach(), expected)
+    check_case(name, loss, ((n, safe_get_full_grad(p)) for n, p in engine.module.named_parameters()), ref)
+    engine.destroy()
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     for name, (options, config) in CASES.items():
         run_case(name, options, config)
     for name, (options, config) in ULYSSES_CASES.items():
         run_ulysses_case(name, options, config)
+    run_uneven_case("mst_uneven_lengths", {**WHOLE_LAYER, "lm_head_chunk_tokens": 16}, CONFIG)
     dist.barrier()
     dist.destroy_process_group()
 
