@@ -1,7 +1,7 @@
 """The long-context ladder for Llama3-8B: what each technique adds to the longest trainable sequence.
 
     python -m experiments.long_context.ladder                 # CPU: full-size planner + scaled measurements
-    python -m experiments.long_context.ladder --quick         # smoke: vanilla, AC, MsT measured, no full size
+    python -m experiments.long_context.ladder --quick         # smoke: vanilla, AC, MsT measured at d = 64, no full size
     python -m experiments.long_context.ladder --device cuda   # full-size measurements on this GPU
 
 Rungs, each adding one thing to the one before: vanilla, AC, MsT, + checkpoint offload, + whole-layer mini-sequences
@@ -231,12 +231,14 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--hidden", type=positive_int, default=128, help="hidden size of the scaled CPU model")
+    p.add_argument("--hidden", type=positive_int, default=None,
+                   help="hidden size of the scaled CPU model (default 128; 64 with --quick)")
     p.add_argument("--layers", type=positive_int, default=None, help="layer count of the scaled model (default 32)")
     p.add_argument("--granularity", type=positive_int, default=4096, help="full-size search step in tokens")
     p.add_argument("--rungs", nargs="+", default=[r.name for r in RUNGS], metavar="RUNG",
                    help="a subset of the rung names (default: all)")
-    p.add_argument("--quick", action="store_true", help="smoke run: vanilla / AC / MsT measured, no full size")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: vanilla / AC / MsT measured at d = 64, no full size")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     add_figures_arg(p)
     args = p.parse_args(argv)
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown rungs {sorted(unknown)}; choose from {[r.name for r in RUNGS]}")
     if args.quick:
         args.rungs = [r for r in args.rungs if r in ("vanilla", "AC", "MsT")]
+    args.hidden = args.hidden or (64 if args.quick else 128)
     require_device(args.device)
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     stem = Path(args.out) / f"ladder{'_quick' if args.quick else ''}_{args.device}"

@@ -2,9 +2,10 @@
 one process: loss and every (gathered) gradient. Each worker's docstring says what it runs:
 
 - ``zero3_worker.py``: DeepSpeed ZeRO-3 (every parameter partitioned; DeepSpeed's CPU accelerator), also with
-  parameters and AdamW offloaded to the host, and together with DeepSpeed-Ulysses over all ranks. The regression it guards: the mini-sequence MLP's backward failed under
-  ZeRO-3 ("LinearFunctionForZeroStage3Backward returned an invalid gradient at index 1 - got [32, 64] but expected
-  shape compatible with [0]"; ``mst.ops.mini_sequence_mlp._zero3_backward``).
+  parameters and AdamW offloaded to the host, together with DeepSpeed-Ulysses over all ranks, and over sequences of
+  different lengths per rank. The regression it guards: the mini-sequence MLP's backward failed under ZeRO-3
+  ("LinearFunctionForZeroStage3Backward returned an invalid gradient at index 1 - got [32, 64] but expected shape
+  compatible with [0]"; ``mst.ops.mini_sequence_mlp._zero3_backward``).
 - ``fsdp2_worker.py``: FSDP2 ``fully_shard`` per decoder layer, also with ``CPUOffloadPolicy``, and with Ulysses.
 - ``accelerate_worker.py``: accelerate's DDP with gradient accumulation (``Accelerator.accumulate``).
 """

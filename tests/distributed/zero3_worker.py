@@ -2,12 +2,14 @@
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 tests/distributed/zero3_worker.py
 
-Every rank builds the same seeded tiny Llama (fp32), computes the loss and gradients of the unpatched model itself on
-one batch, then trains a patched copy under a DeepSpeed ZeRO-3 engine (parameters partitioned over the ranks, gloo,
-DeepSpeed's CPU accelerator) on that same batch on every rank, so the data-parallel average is the single-process
-gradient; the last case also puts parameters and optimizer state on the host (``offload_param``,
-``offload_optimizer``); the Ulysses cases shard the sequence over all ranks under ZeRO-3; the last feeds each rank a different length. The loss and every gathered full gradient (``deepspeed.utils.safe_get_full_grad``) must
-equal the reference (``torch.testing.assert_close`` defaults). Rank 0 prints ``CASE <name> OK loss=...`` per case.
+Every rank builds the same seeded tiny Llama (fp32), computes the loss and gradients of the unpatched model itself
+on one batch, then trains a patched copy under a DeepSpeed ZeRO-3 engine (parameters partitioned over the ranks,
+gloo, DeepSpeed's CPU accelerator) on that same batch on every rank, so the data-parallel average is the single-
+process gradient. The ``*_state_on_host`` cases also put parameters and optimizer state on the host
+(``offload_param``, ``offload_optimizer``); the ``ulysses_*`` cases shard the sequence over all ranks;
+``mst_uneven_lengths`` feeds each rank a different length. The loss and every gathered full gradient
+(``deepspeed.utils.safe_get_full_grad``) must equal the reference (``torch.testing.assert_close`` defaults). Rank 0
+prints ``CASE <name> OK loss=...`` per case.
 """
 from __future__ import annotations
 
