@@ -156,7 +156,7 @@ class _CausalLMForward(_Patch):
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
         captured = {}
-        hook = model.get_decoder().register_forward_hook(
+        hook = decoder(model).register_forward_hook(
             lambda mod, inp, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else
                                                        out.last_hidden_state))
         try:
@@ -210,9 +210,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def decoder(model: nn.Module) -> nn.Module | None:
+    """The model's decoder (``get_decoder()``), or its ``.model`` where ``get_decoder()`` returns the model itself
+    (transformers 5.x's ``MllamaForCausalLM``, whose decoder sits at ``.model``)."""
+    found = model.get_decoder() if hasattr(model, "get_decoder") else None
+    inner = getattr(model, "model", None)
+    if found is model and isinstance(inner, nn.Module) and hasattr(inner, "layers"):
+        return inner
+    return found
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return getattr(decoder, "layers", None)
+    return getattr(decoder(model), "layers", None)
 
 
 def _checkpointable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -488,7 +497,7 @@ def apply(model: nn.Module, **options) -> nn.Module:
             mlp = getattr(layer, family.mlp_attr)
             mlp.forward = _MiniSequenceForward(mlp, opts, opts.mlp_mode)
     if opts.norms:
-        for parent in (*layers, target.get_decoder()):  # the decoder's own: the final norm
+        for parent in (*layers, decoder(target)):  # the decoder's own: the final norm
             for norm in _hidden_state_norms(parent):
                 norm.forward = _MiniSequenceForward(norm, opts)
     if opts.attention:

@@ -212,3 +212,23 @@ def test_planner_covers_every_family_apply_supports():
 
     for model_type in FAMILIES:
         assert ModelSpec.from_config(tiny_config(model_type)).model_type == model_type
+
+
+def test_mllama_text_decoder_found_at_model_and_exact():
+    """transformers 5.x's ``MllamaForCausalLM.get_decoder()`` returns the model itself; its decoder is ``.model``
+    (self-attention and cross-attention layers, each with a gated MLP). Was refused as "no dense gated MLP"."""
+    from transformers import MllamaForCausalLM
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig
+
+    torch.manual_seed(0)
+    config = MllamaTextConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ref = MllamaForCausalLM(config).train()
+    assert ref.get_decoder() is ref  # the transformers behaviour this test is about
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=MLP_CHUNK)
+    assert "forward" in got.model.layers[0].mlp.__dict__ and "forward" in got.model.layers[1].mlp.__dict__
+    for model in (ref, got):  # text only: the cross-attention layer is skipped without images, in both alike
+        model.model.layers[1].requires_grad_(False)
+    ids = make_input_ids(2, 40)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
