@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils.generic import TransformersKwargs
 
-from ..ops import (ATTENTION_BACKENDS, chunked_lm_head_loss, chunked_module_lm_head_loss, default_mlp_chunk_tokens,
-                   mini_sequence_mlp, resolve_chunk_tokens)
+from ..ops import (ATTENTION_BACKENDS, TokenStats, chunked_lm_head_loss, chunked_module_lm_head_loss,
+                   default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens)
 from .attention import BACKEND_ATTR, CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from .families import FAMILIES, Family, family_of, text_config
 from .offload import offloading_checkpoint
@@ -66,6 +66,7 @@ class MsTOptions:
     attention: bool = False  # core attention by query chunks (mst.ops.mini_sequence_attention)
     attention_chunk_tokens: int | None = None  # default: the op's (head_dim queries on CPU, 8192 on CUDA)
     attention_backend: str = "auto"  # the op's: "auto" (sdpa on CUDA without softcap, else math), "math", "sdpa"
+    token_stats: bool = False  # with labels: output.token_stats (each token's lse and argmax; mst.ops.TokenStats)
 
     def __post_init__(self) -> None:
         """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
@@ -178,9 +179,11 @@ class _CausalLMForward(_Patch):
             logit_scale = 1.0 / getattr(cfg, self.family.logit_divisor_attr)
         head = model.lm_head  # read per call: PEFT may replace it after apply
         labels = shift_labels.reshape(hidden.shape[:-1]).to(hidden.device)  # HF flattens both
+        stats = TokenStats() if opts.token_stats else None
         common = dict(chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,
                       logits_budget_bytes=opts.lm_head_logits_budget_bytes, ignore_index=ignore_index,
-                      num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap)
+                      num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap,
+                      token_stats=stats)
         if _head_is_plain(head):  # the fast path: gradients formed in the forward from the weight itself
             loss = chunked_lm_head_loss(hidden, head.weight, labels, bias=head.bias,
                                         weight_grad_block_rows=opts.lm_head_weight_grad_block_rows, **common)
@@ -190,6 +193,8 @@ class _CausalLMForward(_Patch):
         # rebuilt rather than assigned: a ModelOutput keeps keys in creation order and ignores `= None`, so this is
         # the only way to get HF's layout (loss first for out[0] / to_tuple(), no empty logits left behind)
         result = type(out)(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
+        if stats is not None:  # an attribute, not a key: to_tuple() and HF's layout stay as they are
+            result.token_stats = stats
         return result if return_dict else result.to_tuple()
 
 
@@ -467,6 +472,10 @@ def apply(model: nn.Module, **options) -> nn.Module:
       eval_logits (bool): a call with labels but no gradient (``Trainer.evaluate``, ``torch.no_grad()``) runs the
           unpatched forward, so it returns HF's loss *and* the logits ``compute_metrics`` needs (S x V logits, in
           evaluation only; default False: logits=None whenever labels are given).
+      token_stats (bool): with labels, the output also carries ``token_stats`` (``mst.ops.TokenStats``: each
+          token's log-sum-exp and argmax prediction, recorded by the chunked loss, no S x V logits; its
+          ``accuracy(shift_labels)`` is TRL's token accuracy). Per-token log-probs of the labels with gradients:
+          ``mst.ops.chunked_lm_head_loss(..., reduction="none")``.
     A wrong type (``checkpointing="no"``, ``mlp_chunk_tokens=True``) raises TypeError.
 
     With labels, ``model(...)`` returns the exact loss and ``logits=None``; without labels, normal logits.

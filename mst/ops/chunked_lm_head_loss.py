@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
-from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
-                             _loss_divisor, _reduce, lm_head_chunk_tokens, losses_from_log_probs, softmax_and_lse,
-                             token_losses)
+from .lm_head_common import (LMHeadSpec, TokenStats, _check_reduction, _finish_logits, _flatten_tokens,
+                             _logits_gradient, _loss_divisor, _reduce, lm_head_chunk_tokens, losses_from_log_probs,
+                             record_stats, softmax_and_lse, token_losses)
 from .recompute import accumulation_dtype, autocast_state
 
 Grads = tuple[torch.Tensor | None, ...]
@@ -133,6 +133,7 @@ def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     for s in _chunks_with_labels(valid, spec.chunk_tokens):
         e = s + spec.chunk_tokens
         z, _ = _chunk_logits(hidden[s:e], weight, bias, spec)
+        record_stats(spec, s, z, hidden.shape[0])
         losses[s:e] = token_losses(z, labels[s:e], spec)
     return losses
 
@@ -151,9 +152,10 @@ def _chunk_losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias
     for s in _chunks_with_labels(valid, spec.chunk_tokens):
         e = s + spec.chunk_tokens
         z, t = _chunk_logits(hidden[s:e], weight, bias, spec)
-        chunk_lse = torch.logsumexp(z, dim=-1) if lse is not None or spec.z_loss else None
+        chunk_lse = torch.logsumexp(z, dim=-1) if lse is not None or spec.z_loss or spec.stats else None
         if lse is not None:
             lse[s:e] = chunk_lse
+        record_stats(spec, s, z, hidden.shape[0], chunk_lse)
         logp = torch.log_softmax(z, dim=-1)  # = F.cross_entropy, keeping log p for the gradient
         del z
         losses[s:e] = losses_from_log_probs(logp, labels[s:e], spec, chunk_lse)
@@ -319,7 +321,7 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          num_items_in_batch: int | torch.Tensor | None = None, logit_scale: float | None = None,
                          final_logit_softcapping: float | None = None,
                          weight_grad_block_rows: int | None = None, label_smoothing: float = 0.0,
-                         z_loss: float = 0.0) -> torch.Tensor:
+                         z_loss: float = 0.0, token_stats: TokenStats | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (already aligned, i.e. shifted), chunked.
 
     hidden: (..., d); labels: (...) with ``ignore_index`` for positions that do not count.
@@ -332,6 +334,7 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     accumulating it in a V x d fp32 buffer during the forward (saves V x d x 4 bytes; costs one more logits matmul).
     label_smoothing: as ``F.cross_entropy``'s (eps in [0, 1]); z_loss: adds z_loss x logsumexp(logits)^2 per valid
     token (Liger-Kernel's ``lse_square_scale``), reduced with the cross-entropy (``mst.ops.lm_head_common``).
+    token_stats: a ``TokenStats`` the forward fills with each token's log-sum-exp and argmax prediction.
     """
     _check_reduction(reduction)
     if weight_grad_block_rows is not None and (not isinstance(weight_grad_block_rows, int)
@@ -346,6 +349,6 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                                  logits_budget_bytes=logits_budget_bytes)
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping,
                       _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch), weight_grad_block_rows,
-                      label_smoothing, z_loss)
+                      label_smoothing, z_loss, token_stats)
     out = _lm_head_loss(flat_h, weight, bias, flat_y, spec, reduction == "none")
     return out.view(labels.shape) if reduction == "none" else out

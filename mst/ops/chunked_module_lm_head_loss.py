@@ -28,8 +28,9 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd.function import FunctionCtx
 
-from .lm_head_common import (LMHeadSpec, _check_reduction, _finish_logits, _flatten_tokens, _logits_gradient,
-                             _loss_divisor, _reduce, lm_head_chunk_tokens, softmax_and_lse, token_losses)
+from .lm_head_common import (LMHeadSpec, TokenStats, _check_reduction, _finish_logits, _flatten_tokens,
+                             _logits_gradient, _loss_divisor, _reduce, lm_head_chunk_tokens, record_stats,
+                             softmax_and_lse, token_losses)
 from .recompute import ChunkRNGStates, ParamGrads, autocast_state, chunk_count_over_ranks, zero3_partitioned
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
@@ -62,6 +63,8 @@ def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, head_fn: HeadFn, s
         z, _ = _finish_logits(_upcast(head_fn(hidden[s:e])), spec)
         if rng is not None:
             rng.settle()
+        if s < hidden.shape[0]:  # not one of ZeRO-3's empty chunks
+            record_stats(spec, s, z, hidden.shape[0])
         if losses is None:
             losses = z.new_zeros(hidden.shape[0])
         losses[s:e] = token_losses(z, labels[s:e], spec)
@@ -130,7 +133,8 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
                                 logits_budget_bytes: int | None = None, ignore_index: int = -100,
                                 reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
                                 logit_scale: float | None = None, final_logit_softcapping: float | None = None,
-                                label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+                                label_smoothing: float = 0.0, z_loss: float = 0.0,
+                                token_stats: TokenStats | None = None) -> torch.Tensor:
     """Cross-entropy of ``head_fn(hidden)`` against ``labels`` (already aligned, i.e. shifted), chunked, where
     ``head_fn`` is any token-wise head (e.g. the lm_head module, so its LoRA adapter, subclass forward and hooks
     run). Same loss semantics as ``chunked_lm_head_loss``.
@@ -144,8 +148,8 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
     reduction="mean": sum / ``num_items_in_batch`` if given, else sum / (number of valid labels) -- HF's
     ``ForCausalLMLoss`` semantics, including NaN (with zero gradients) when every label is ignored and no
     ``num_items_in_batch`` is given. reduction="sum": summed loss; reduction="none": per-token losses shaped like
-    ``labels`` (0 where ignored). The loss is fp32 (float64 for a float64 head). label_smoothing, z_loss: as
-    ``chunked_lm_head_loss``'s.
+    ``labels`` (0 where ignored). The loss is fp32 (float64 for a float64 head). label_smoothing, z_loss,
+    token_stats: as ``chunked_lm_head_loss``'s.
     """
     _check_reduction(reduction)
     flat_h, flat_y = _flatten_tokens(hidden, labels)
@@ -157,7 +161,7 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
                                  logits_budget_bytes=logits_budget_bytes)
     divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor,
-                      label_smoothing=label_smoothing, z_loss=z_loss)
+                      label_smoothing=label_smoothing, z_loss=z_loss, stats=token_stats)
     params = tuple(params)
     if zero3_partitioned(params):  # every chunk, as many as any rank has: each head call is a collective
         n_tokens = flat_h.shape[0]

@@ -24,6 +24,47 @@ import torch.nn.functional as F
 MAX_CHUNK_ELEMENTS = 2 ** 31 - 1
 
 
+class TokenStats:
+    """Per-token statistics of the logits, recorded by a chunked LM-head loss while each chunk's logits exist, so
+    what trainers log or need (TRL's token accuracy, CCE's ``return_lse``) comes without N x V logits.
+
+    After the loss's forward: ``lse`` (N,) fp32, the log-sum-exp of the finished logits (scaled / softcapped as the
+    loss sees them), and ``predictions`` (N,) int64, their argmax, both flattened over batch x sequence. Tokens in a
+    chunk the loss skipped (every label in it ignored) have lse NaN and prediction -1. The per-token log-probability
+    of the label is the loss itself: ``reduction="none"`` gives -log p[y] with its gradient (no label smoothing or
+    z-loss). Recorded in the forward only (not in recomputes); no gradient flows through them.
+    """
+
+    def __init__(self) -> None:
+        self.lse: torch.Tensor | None = None
+        self.predictions: torch.Tensor | None = None
+
+    def record(self, start: int, z: torch.Tensor, n_tokens: int, lse: torch.Tensor | None = None) -> None:
+        """One chunk's finished logits ``z`` (C, V) for tokens ``start .. start + C`` of ``n_tokens``."""
+        if self.lse is None:
+            self.lse = torch.full((n_tokens,), math.nan, dtype=torch.float32, device=z.device)
+            self.predictions = torch.full((n_tokens,), -1, dtype=torch.long, device=z.device)
+        with torch.no_grad():
+            self.lse[start:start + z.shape[0]] = torch.logsumexp(z, dim=-1) if lse is None else lse
+            self.predictions[start:start + z.shape[0]] = z.argmax(dim=-1)
+
+    def accuracy(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """The fraction of tokens with a valid (aligned, i.e. shifted) label whose prediction is that label (NaN
+        when every label is ignored), as TRL's SFTTrainer logs it."""
+        if self.predictions is None:
+            raise ValueError("TokenStats.accuracy: nothing recorded yet (run the loss first)")
+        labels = labels.reshape(-1).to(self.predictions.device)
+        valid = labels != ignore_index
+        return (self.predictions[valid] == labels[valid]).float().mean()
+
+
+def record_stats(spec: "LMHeadSpec", start: int, z: torch.Tensor, n_tokens: int,
+                 lse: torch.Tensor | None = None) -> None:
+    """``spec.stats.record`` when the caller asked for statistics."""
+    if spec.stats is not None:
+        spec.stats.record(start, z, n_tokens, lse)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: ``divisor`` is a tensor, compared by identity
 class LMHeadSpec:
     """How a chunked LM-head loss is computed; one argument of its autograd Functions instead of a dozen.
@@ -34,6 +75,7 @@ class LMHeadSpec:
     of valid labels or HF's ``num_items_in_batch``, a tensor (None: the plain sum; per-token losses have none).
     weight_grad_block_rows: for a summed loss from the head's weight, make the weight gradient in backward this many
     vocabulary rows at a time instead of in a V x d fp32 buffer (None: the buffer).
+    stats: where the forward records per-token statistics (``TokenStats``; None: not recorded).
     """
 
     chunk_tokens: int
@@ -44,6 +86,7 @@ class LMHeadSpec:
     weight_grad_block_rows: int | None = None
     label_smoothing: float = 0.0  # eps above
     z_loss: float = 0.0  # lam above
+    stats: TokenStats | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing <= 1.0:  # also refuses NaN

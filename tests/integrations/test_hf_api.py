@@ -328,3 +328,29 @@ def test_config_edited_after_apply_is_honoured():
         model.config.final_logit_softcapping = 0.3
     ids = make_input_ids(2, 30)
     assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_token_stats_match_the_unpatched_logits(model_type):
+    """``mst.apply(token_stats=True)``: with labels the output carries each token's log-sum-exp and argmax of the
+    logits HF would have made (Gemma-2: softcapped), and TRL's token accuracy, while logits stay None and the loss
+    is unchanged; without the option nothing is attached."""
+    ref = tiny_model(model_type)
+    got = mst.apply(clone_model(ref), token_stats=True)
+    ids = make_input_ids(2, 40)
+    labels = make_labels(ids, "prefix")
+    out = got(input_ids=ids, labels=labels)
+    expected = ref(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert out.logits is None and "token_stats" not in out.keys()
+    logits = expected.logits.float().reshape(-1, expected.logits.shape[-1])
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    stats = out.token_stats
+    ran = torch.isfinite(stats.lse)
+    assert ran.any()
+    torch.testing.assert_close(stats.lse[ran], torch.logsumexp(logits, dim=-1)[ran])
+    assert torch.equal(stats.predictions[ran], logits.argmax(dim=-1)[ran])
+    valid = shift.reshape(-1) != -100
+    torch.testing.assert_close(stats.accuracy(shift),
+                               (logits.argmax(dim=-1)[valid] == shift.reshape(-1)[valid]).float().mean())
+    assert not hasattr(mst.apply(clone_model(ref))(input_ids=ids, labels=labels), "token_stats")

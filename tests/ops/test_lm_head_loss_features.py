@@ -85,3 +85,56 @@ def test_bad_values_raise(bad):
     h, w, _, y = make_inputs()
     with pytest.raises(ValueError, match="label_smoothing|z_loss"):
         chunked_lm_head_loss(h, w, y, **bad)
+
+
+STATS_MODES = {  # name -> (op, keyword arguments, whether the loss needs a gradient)
+    "summed": ("weight", dict(), True),
+    "per_token": ("weight", dict(reduction="none"), True),
+    "blocked": ("weight", dict(weight_grad_block_rows=7), True),
+    "no_grad": ("weight", dict(), False),
+    "module": ("module", dict(), True),
+}
+
+
+@pytest.mark.parametrize("transform", [{}, dict(logit_scale=0.5, final_logit_softcapping=3.0)])
+@pytest.mark.parametrize("mode", sorted(STATS_MODES))
+def test_token_stats_are_the_full_logits_lse_and_argmax(mode, transform):
+    """``TokenStats`` after the forward: each token's log-sum-exp and argmax of the finished logits (scaled and
+    softcapped as the loss sees them), without N x V logits; NaN / -1 in a chunk whose labels are all ignored;
+    the loss and its gradients unchanged; accuracy as TRL's over valid labels."""
+    from mst.ops import TokenStats
+
+    torch.manual_seed(0)
+    op, kwargs, grad = STATS_MODES[mode]
+    h, w, b, y = make_inputs(bias=True, ignore_prefix=9)
+    z = F.linear(h, w, b).float().reshape(-1, V)
+    if transform:
+        z = torch.tanh(z * transform["logit_scale"] / transform["final_logit_softcapping"]) \
+            * transform["final_logit_softcapping"]
+    stats = TokenStats()
+    chunk = 4  # chunks holding only ignored labels (the first two of row 0, one in row 1) are skipped
+    with torch.set_grad_enabled(grad):
+        if op == "weight":
+            loss = chunked_lm_head_loss(h, w, y, bias=b, chunk_tokens=chunk, token_stats=stats, **kwargs,
+                                        **transform)
+        else:
+            loss = chunked_module_lm_head_loss(h, lambda x: F.linear(x, w, b), [w, b], y, chunk_tokens=chunk,
+                                               token_stats=stats, **kwargs, **transform)
+    plain = reference(h, w, y, bias=b, **kwargs, **transform)
+    assert_exact(loss, plain)
+    ran = torch.isfinite(stats.lse)
+    flat_y = y.reshape(-1)
+    valid = flat_y != -100
+    expected_ran = F.pad(valid, (0, -len(valid) % chunk)).view(-1, chunk).any(dim=1).repeat_interleave(chunk)
+    assert torch.equal(ran, expected_ran[:len(valid)]) and not ran[:8].any()
+    assert (stats.predictions[~ran] == -1).all()
+    assert_exact(stats.lse[ran], torch.logsumexp(z, dim=-1)[ran])
+    assert torch.equal(stats.predictions[ran], z.argmax(dim=-1)[ran])
+    assert_exact(stats.accuracy(y), (z.argmax(dim=-1)[valid] == flat_y[valid]).float().mean())
+
+
+def test_token_stats_before_a_loss_refuse_accuracy():
+    from mst.ops import TokenStats
+
+    with pytest.raises(ValueError, match="nothing recorded"):
+        TokenStats().accuracy(torch.zeros(3, dtype=torch.long))
