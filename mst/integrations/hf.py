@@ -67,6 +67,8 @@ class MsTOptions:
     attention_chunk_tokens: int | None = None  # default: the op's (head_dim queries on CPU, 8192 on CUDA)
     attention_backend: str = "auto"  # the op's: "auto" (sdpa on CUDA without softcap, else math), "math", "sdpa"
     token_stats: bool = False  # with labels: output.token_stats (each token's lse and argmax; mst.ops.TokenStats)
+    label_smoothing: float | int = 0.0  # the training loss's, as F.cross_entropy's (HF's loss has none)
+    z_loss: float | int = 0.0  # adds z_loss x logsumexp(logits)^2 per valid token (Liger's lse_square_scale)
 
     def __post_init__(self) -> None:
         """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
@@ -183,7 +185,7 @@ class _CausalLMForward(_Patch):
         common = dict(chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,
                       logits_budget_bytes=opts.lm_head_logits_budget_bytes, ignore_index=ignore_index,
                       num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap,
-                      token_stats=stats)
+                      token_stats=stats, label_smoothing=float(opts.label_smoothing), z_loss=float(opts.z_loss))
         if _head_is_plain(head):  # the fast path: gradients formed in the forward from the weight itself
             loss = chunked_lm_head_loss(hidden, head.weight, labels, bias=head.bias,
                                         weight_grad_block_rows=opts.lm_head_weight_grad_block_rows, **common)
@@ -257,6 +259,12 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
     if opts.attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"mst.apply: attention_backend must be one of {ATTENTION_BACKENDS}, got "
                          f"{opts.attention_backend!r}")
+    if not 0.0 <= opts.label_smoothing <= 1.0:  # also refuses NaN
+        raise ValueError(f"mst.apply: label_smoothing must be in [0, 1], got {opts.label_smoothing!r}")
+    if not 0.0 <= opts.z_loss < float("inf"):
+        raise ValueError(f"mst.apply: z_loss must be a finite number >= 0, got {opts.z_loss!r}")
+    if (opts.label_smoothing or opts.z_loss) and not opts.lm_head:
+        raise ValueError("mst.apply: label_smoothing and z_loss are options of mst's LM-head loss (lm_head=True)")
     if opts.mlp_mode not in ("recompute", "naive"):
         raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
     if opts.attention and (getattr(text_config(model.config), "attention_dropout", 0.0) or 0.0) > 0:
@@ -476,6 +484,10 @@ def apply(model: nn.Module, **options) -> nn.Module:
           token's log-sum-exp and argmax prediction, recorded by the chunked loss, no S x V logits; its
           ``accuracy(shift_labels)`` is TRL's token accuracy). Per-token log-probs of the labels with gradients:
           ``mst.ops.chunked_lm_head_loss(..., reduction="none")``.
+      label_smoothing (float in [0, 1]), z_loss (float >= 0): train on the label-smoothed cross-entropy (as
+          ``F.cross_entropy``'s) plus z_loss x logsumexp(logits)^2 per valid token (Liger-Kernel's
+          ``lse_square_scale``), reduced as HF's loss; the z-loss term alone is ``token_stats.lse``'s squares.
+          HF's own loss has neither, so the apply-time check of a family outside the table runs without them.
     A wrong type (``checkpointing="no"``, ``mlp_chunk_tokens=True``) raises TypeError.
 
     With labels, ``model(...)`` returns the exact loss and ``logits=None``; without labels, normal logits.
@@ -511,8 +523,9 @@ def apply(model: nn.Module, **options) -> nn.Module:
                 norm.forward = _MiniSequenceForward(norm, opts)
     if opts.attention:
         target._mst_attention_before = _use_mini_sequence_attention(target, layers, opts)
-    if opts.lm_head:  # checked (below) with eval_logits off: the no-grad check must run mst's own loss
-        target.forward = _CausalLMForward(target, replace(opts, eval_logits=False), family)
+    if opts.lm_head:  # checked (below) as HF's loss: eval_logits off (mst's own loss runs), no loss features
+        target.forward = _CausalLMForward(target, replace(opts, eval_logits=False, label_smoothing=0.0, z_loss=0.0),
+                                          family)
     if check:
         try:
             _check_exact(target, ids, expected)

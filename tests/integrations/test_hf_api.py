@@ -9,8 +9,8 @@ import torch
 
 import mst
 from mst.integrations import options_dict
-from tests.utils import (assert_exact, assert_grads_close, assert_same_step, clone_model, make_input_ids, make_labels,
-                         tiny_model)
+from tests.utils import (GENERIC_FAMILY, assert_exact, assert_grads_close, assert_same_step, clone_model,
+                         make_input_ids, make_labels, tiny_model)
 
 
 def patched_modules(model) -> list[str]:
@@ -354,3 +354,40 @@ def test_token_stats_match_the_unpatched_logits(model_type):
     torch.testing.assert_close(stats.accuracy(shift),
                                (logits.argmax(dim=-1)[valid] == shift.reshape(-1)[valid]).float().mean())
     assert not hasattr(mst.apply(clone_model(ref))(input_ids=ids, labels=labels), "token_stats")
+
+
+@pytest.mark.parametrize("features", [dict(label_smoothing=0.1), dict(z_loss=1e-2),
+                                      dict(label_smoothing=0.2, z_loss=3e-2)])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", GENERIC_FAMILY])
+def test_loss_features_through_apply(model_type, features):
+    """``mst.apply(label_smoothing=, z_loss=)``: the loss and every gradient equal plain PyTorch's on the unpatched
+    model's logits (F.cross_entropy with label_smoothing, plus z_loss x logsumexp^2 per valid token, mean over
+    valid tokens). A family outside the table (GENERIC_FAMILY) passes its apply-time check, run as HF's loss."""
+    ref = tiny_model(model_type)
+    got = mst.apply(clone_model(ref), **features)
+    ids = make_input_ids(2, 40)
+    labels = make_labels(ids, "prefix")
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    logits = ref(input_ids=ids).logits.float().reshape(-1, ref.config.vocab_size)
+    valid = shift != -100
+    per_token = torch.nn.functional.cross_entropy(logits, shift, reduction="none",
+                                                  label_smoothing=features.get("label_smoothing", 0.0))
+    per_token = per_token + features.get("z_loss", 0.0) * torch.logsumexp(logits, dim=-1).square() * valid
+    expected = per_token.sum() / valid.sum()
+    expected.backward()
+    loss = got(input_ids=ids, labels=labels).loss
+    loss.backward()
+    assert_exact(loss, expected)
+    assert_grads_close(got, ref)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss must be a finite"),
+    (dict(z_loss=-1.0), ValueError, "z_loss must be a finite"),
+    (dict(z_loss=0.1, lm_head=False), ValueError, "options of mst's LM-head loss"),
+    (dict(label_smoothing=True), TypeError, "label_smoothing must be"),
+])
+def test_loss_features_bad_input(options, error, message):
+    with pytest.raises(error, match=message):
+        mst.apply(tiny_model("llama"), **options)
