@@ -36,6 +36,7 @@ from transformers.utils.generic import TransformersKwargs
 
 from ..ops import (ATTENTION_BACKENDS, TokenStats, chunked_lm_head_loss, chunked_module_lm_head_loss,
                    default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens)
+from ..ops.lm_head_common import check_class_weights
 from .attention import BACKEND_ATTR, CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from .families import FAMILIES, Family, family_of, text_config
 from .offload import offloading_checkpoint
@@ -69,6 +70,7 @@ class MsTOptions:
     token_stats: bool = False  # with labels: output.token_stats (each token's lse and argmax; mst.ops.TokenStats)
     label_smoothing: float | int = 0.0  # the training loss's, as F.cross_entropy's (HF's loss has none)
     z_loss: float | int = 0.0  # adds z_loss x logsumexp(logits)^2 per valid token (Liger's lse_square_scale)
+    class_weights: torch.Tensor | None = None  # (V,) per-class weights, as F.cross_entropy(weight=)
 
     def __post_init__(self) -> None:
         """Type-check every field against its annotation: ``bool`` is an ``int`` subclass and any non-empty string
@@ -185,7 +187,8 @@ class _CausalLMForward(_Patch):
         common = dict(chunk_tokens=opts.lm_head_chunk_tokens, num_chunks=opts.lm_head_chunks,
                       logits_budget_bytes=opts.lm_head_logits_budget_bytes, ignore_index=ignore_index,
                       num_items_in_batch=num_items, logit_scale=logit_scale, final_logit_softcapping=softcap,
-                      token_stats=stats, label_smoothing=float(opts.label_smoothing), z_loss=float(opts.z_loss))
+                      token_stats=stats, label_smoothing=float(opts.label_smoothing), z_loss=float(opts.z_loss),
+                      class_weights=opts.class_weights)
         if _head_is_plain(head):  # the fast path: gradients formed in the forward from the weight itself
             loss = chunked_lm_head_loss(hidden, head.weight, labels, bias=head.bias,
                                         weight_grad_block_rows=opts.lm_head_weight_grad_block_rows, **common)
@@ -263,8 +266,13 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
         raise ValueError(f"mst.apply: label_smoothing must be in [0, 1], got {opts.label_smoothing!r}")
     if not 0.0 <= opts.z_loss < float("inf"):
         raise ValueError(f"mst.apply: z_loss must be a finite number >= 0, got {opts.z_loss!r}")
-    if (opts.label_smoothing or opts.z_loss) and not opts.lm_head:
-        raise ValueError("mst.apply: label_smoothing and z_loss are options of mst's LM-head loss (lm_head=True)")
+    if (opts.label_smoothing or opts.z_loss or opts.class_weights is not None) and not opts.lm_head:
+        raise ValueError("mst.apply: label_smoothing, z_loss and class_weights are options of mst's LM-head loss "
+                         "(lm_head=True)")
+    if opts.class_weights is not None:
+        if opts.label_smoothing or opts.z_loss:
+            raise ValueError("mst.apply: class_weights cannot be combined with label_smoothing or z_loss")
+        check_class_weights(opts.class_weights, model.lm_head.weight.shape[0])
     if opts.mlp_mode not in ("recompute", "naive"):
         raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
     if opts.attention and (getattr(text_config(model.config), "attention_dropout", 0.0) or 0.0) > 0:
@@ -488,6 +496,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
           ``F.cross_entropy``'s) plus z_loss x logsumexp(logits)^2 per valid token (Liger-Kernel's
           ``lse_square_scale``), reduced as HF's loss; the z-loss term alone is ``token_stats.lse``'s squares.
           HF's own loss has neither, so the apply-time check of a family outside the table runs without them.
+      class_weights (tensor of shape (V,)): per-class weights of the loss, as ``F.cross_entropy(weight=)`` (a mean
+          divides by the valid labels' summed weights; HF's ``num_items_in_batch``, when given, still divides).
     A wrong type (``checkpointing="no"``, ``mlp_chunk_tokens=True``) raises TypeError.
 
     With labels, ``model(...)`` returns the exact loss and ``logits=None``; without labels, normal logits.
@@ -524,8 +534,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
     if opts.attention:
         target._mst_attention_before = _use_mini_sequence_attention(target, layers, opts)
     if opts.lm_head:  # checked (below) as HF's loss: eval_logits off (mst's own loss runs), no loss features
-        target.forward = _CausalLMForward(target, replace(opts, eval_logits=False, label_smoothing=0.0, z_loss=0.0),
-                                          family)
+        as_hf = replace(opts, eval_logits=False, label_smoothing=0.0, z_loss=0.0, class_weights=None)
+        target.forward = _CausalLMForward(target, as_hf, family)
     if check:
         try:
             _check_exact(target, ids, expected)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, TokenStats, _check_reduction, _finish_logits, _flatten_tokens,
-                             _logits_gradient, _loss_divisor, _reduce, lm_head_chunk_tokens, losses_from_log_probs,
-                             record_stats, softmax_and_lse, token_losses)
+                             _logits_gradient, _loss_divisor, _reduce, check_class_weights, lm_head_chunk_tokens,
+                             losses_from_log_probs, record_stats, softmax_and_lse, token_losses)
 from .recompute import accumulation_dtype, autocast_state
 
 Grads = tuple[torch.Tensor | None, ...]
@@ -146,7 +146,7 @@ def _chunk_losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias
     log-sum-exp is written there. Returns the losses and the per-token weights of the logits gradient (1 / divisor,
     0 on ignored tokens)."""
     valid = labels != spec.ignore_index
-    tok_w = valid * (1.0 / spec.divisor if spec.divisor is not None else 1.0)
+    tok_w = valid * spec.token_weight(labels) * (1.0 / spec.divisor if spec.divisor is not None else 1.0)
     safe_labels = labels.clamp_min(0)
     losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in _chunks_with_labels(valid, spec.chunk_tokens):
@@ -251,7 +251,7 @@ class PerTokenLMHeadLoss(torch.autograd.Function):
         hidden, weight, bias, labels = ctx.saved_tensors
         spec = ctx.spec
         valid = labels != spec.ignore_index
-        tok_w = grad_out.float() * valid  # zero on ignored tokens
+        tok_w = grad_out.float() * valid * spec.token_weight(labels)  # zero on ignored tokens
         grads = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
         safe_labels = labels.clamp_min(0)
         for s in _chunks_with_labels(valid, spec.chunk_tokens):
@@ -321,7 +321,8 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          num_items_in_batch: int | torch.Tensor | None = None, logit_scale: float | None = None,
                          final_logit_softcapping: float | None = None,
                          weight_grad_block_rows: int | None = None, label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, token_stats: TokenStats | None = None) -> torch.Tensor:
+                         z_loss: float = 0.0, token_stats: TokenStats | None = None,
+                         class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (already aligned, i.e. shifted), chunked.
 
     hidden: (..., d); labels: (...) with ``ignore_index`` for positions that do not count.
@@ -335,7 +336,9 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     label_smoothing: as ``F.cross_entropy``'s (eps in [0, 1]); z_loss: adds z_loss x logsumexp(logits)^2 per valid
     token (Liger-Kernel's ``lse_square_scale``), reduced with the cross-entropy (``mst.ops.lm_head_common``).
     token_stats: a ``TokenStats`` the forward fills with each token's log-sum-exp and argmax prediction.
+    class_weights: (V,) per-class weights as ``F.cross_entropy(weight=)`` (not with label_smoothing / z_loss).
     """
+    check_class_weights(class_weights, weight.shape[0])
     _check_reduction(reduction)
     if weight_grad_block_rows is not None and (not isinstance(weight_grad_block_rows, int)
                                                or weight_grad_block_rows <= 0):
@@ -348,7 +351,7 @@ def chunked_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                                  chunk_tokens=chunk_tokens, num_chunks=num_chunks,
                                  logits_budget_bytes=logits_budget_bytes)
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping,
-                      _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch), weight_grad_block_rows,
-                      label_smoothing, z_loss, token_stats)
+                      _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch, class_weights),
+                      weight_grad_block_rows, label_smoothing, z_loss, token_stats, class_weights)
     out = _lm_head_loss(flat_h, weight, bias, flat_y, spec, reduction == "none")
     return out.view(labels.shape) if reduction == "none" else out

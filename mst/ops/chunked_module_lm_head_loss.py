@@ -29,8 +29,8 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 from .lm_head_common import (LMHeadSpec, TokenStats, _check_reduction, _finish_logits, _flatten_tokens,
-                             _logits_gradient, _loss_divisor, _reduce, lm_head_chunk_tokens, record_stats,
-                             softmax_and_lse, token_losses)
+                             _logits_gradient, _loss_divisor, _reduce, check_class_weights, lm_head_chunk_tokens,
+                             record_stats, softmax_and_lse, token_losses)
 from .recompute import ChunkRNGStates, ParamGrads, autocast_state, chunk_count_over_ranks, zero3_partitioned
 
 HeadFn = Callable[[torch.Tensor], torch.Tensor]
@@ -101,7 +101,7 @@ class ChunkedModuleLMHeadLossFunction(torch.autograd.Function):
         upstream = grad_out if ctx.per_token else grad_out.expand(labels.shape[0])
         if spec.divisor is not None:
             upstream = upstream / spec.divisor
-        tok_w = upstream * (labels != spec.ignore_index)
+        tok_w = upstream * (labels != spec.ignore_index) * spec.token_weight(labels)
         safe_labels = labels.clamp_min(0)
         grad_h = torch.zeros_like(hidden) if want_h else None
         for i, s in enumerate(ctx.starts):
@@ -134,7 +134,8 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
                                 reduction: str = "mean", num_items_in_batch: int | torch.Tensor | None = None,
                                 logit_scale: float | None = None, final_logit_softcapping: float | None = None,
                                 label_smoothing: float = 0.0, z_loss: float = 0.0,
-                                token_stats: TokenStats | None = None) -> torch.Tensor:
+                                token_stats: TokenStats | None = None,
+                                class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of ``head_fn(hidden)`` against ``labels`` (already aligned, i.e. shifted), chunked, where
     ``head_fn`` is any token-wise head (e.g. the lm_head module, so its LoRA adapter, subclass forward and hooks
     run). Same loss semantics as ``chunked_lm_head_loss``.
@@ -149,7 +150,7 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
     ``ForCausalLMLoss`` semantics, including NaN (with zero gradients) when every label is ignored and no
     ``num_items_in_batch`` is given. reduction="sum": summed loss; reduction="none": per-token losses shaped like
     ``labels`` (0 where ignored). The loss is fp32 (float64 for a float64 head). label_smoothing, z_loss,
-    token_stats: as ``chunked_lm_head_loss``'s.
+    token_stats, class_weights: as ``chunked_lm_head_loss``'s (class_weights needs ``vocab_size``).
     """
     _check_reduction(reduction)
     flat_h, flat_y = _flatten_tokens(hidden, labels)
@@ -159,9 +160,13 @@ def chunked_module_lm_head_loss(hidden: torch.Tensor, head_fn: HeadFn, params: S
     chunk = lm_head_chunk_tokens(max(flat_h.shape[0], 1), vocab_size or 0, flat_h.shape[1],
                                  chunk_tokens=chunk_tokens, num_chunks=num_chunks,
                                  logits_budget_bytes=logits_budget_bytes)
-    divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch)
+    if class_weights is not None:
+        if vocab_size is None:
+            raise ValueError("class_weights needs vocab_size (the number of classes)")
+        check_class_weights(class_weights, vocab_size)
+    divisor = _loss_divisor(flat_y, ignore_index, reduction, num_items_in_batch, class_weights)
     spec = LMHeadSpec(chunk, ignore_index, logit_scale, final_logit_softcapping, divisor,
-                      label_smoothing=label_smoothing, z_loss=z_loss, stats=token_stats)
+                      label_smoothing=label_smoothing, z_loss=z_loss, stats=token_stats, class_weights=class_weights)
     params = tuple(params)
     if zero3_partitioned(params):  # every chunk, as many as any rank has: each head call is a collective
         n_tokens = flat_h.shape[0]

@@ -76,6 +76,9 @@ class LMHeadSpec:
     weight_grad_block_rows: for a summed loss from the head's weight, make the weight gradient in backward this many
     vocabulary rows at a time instead of in a V x d fp32 buffer (None: the buffer).
     stats: where the forward records per-token statistics (``TokenStats``; None: not recorded).
+    class_weights: (V,) weight of each target class, as ``F.cross_entropy(weight=)``: a token's loss is scaled by
+    its label's weight and a mean divides by the summed weights of the valid labels (not with label smoothing or a
+    z-loss).
     """
 
     chunk_tokens: int
@@ -87,17 +90,28 @@ class LMHeadSpec:
     label_smoothing: float = 0.0  # eps above
     z_loss: float = 0.0  # lam above
     stats: TokenStats | None = None
+    class_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing <= 1.0:  # also refuses NaN
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
         if not 0.0 <= self.z_loss < math.inf:
             raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss!r}")
+        if self.class_weights is not None and (self.label_smoothing or self.z_loss):
+            raise ValueError("class_weights cannot be combined with label_smoothing or z_loss")
 
     @property
     def plain(self) -> bool:
-        """Plain cross-entropy: no label smoothing, no z-loss."""
+        """Plain cross-entropy (class-weighted or not): no label smoothing, no z-loss."""
         return not self.label_smoothing and not self.z_loss
+
+    def weights(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The class weights in the dtype and on the device of the logits ``z`` (None without)."""
+        return None if self.class_weights is None else self.class_weights.to(z.device, z.dtype)
+
+    def token_weight(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """Each token's class weight (labels clamped: ignored tokens are zeroed elsewhere); 1 without weights."""
+        return 1.0 if self.class_weights is None else self.class_weights.to(labels.device).float()[labels.clamp_min(0)]
 
 
 def lm_head_chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int, *, chunk_tokens: int | None = None,
@@ -147,7 +161,7 @@ def _finish_logits(z: torch.Tensor, spec: LMHeadSpec) -> tuple[torch.Tensor, tor
 def token_losses(z: torch.Tensor, labels: torch.Tensor, spec: LMHeadSpec) -> torch.Tensor:
     """Per-token loss of one chunk's finished fp32 logits ``z`` (0 where ignored)."""
     if spec.plain:
-        return F.cross_entropy(z, labels, ignore_index=spec.ignore_index, reduction="none")
+        return F.cross_entropy(z, labels, weight=spec.weights(z), ignore_index=spec.ignore_index, reduction="none")
     lse = torch.logsumexp(z, dim=-1) if spec.z_loss else None
     return losses_from_log_probs(torch.log_softmax(z, dim=-1), labels, spec, lse)
 
@@ -155,7 +169,7 @@ def token_losses(z: torch.Tensor, labels: torch.Tensor, spec: LMHeadSpec) -> tor
 def losses_from_log_probs(logp: torch.Tensor, labels: torch.Tensor, spec: LMHeadSpec,
                           lse: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token loss from one chunk's log-probabilities (0 where ignored); ``lse`` is needed for a z-loss."""
-    losses = F.nll_loss(logp, labels, ignore_index=spec.ignore_index, reduction="none")
+    losses = F.nll_loss(logp, labels, weight=spec.weights(logp), ignore_index=spec.ignore_index, reduction="none")
     if spec.plain:
         return losses
     valid = labels != spec.ignore_index
@@ -209,12 +223,20 @@ def _flatten_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def _loss_divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
-                  num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | None:
+                  num_items_in_batch: int | torch.Tensor | None,
+                  class_weights: torch.Tensor | None = None) -> torch.Tensor | None:
     """What the summed loss is divided by: for "mean", HF's ``num_items_in_batch`` if given, else the global count
-    of valid labels (0 when all are ignored: a NaN loss, as HF's); None for "sum" / "none"."""
+    of valid labels (0 when all are ignored: a NaN loss, as HF's), with class weights their sum over the valid
+    labels (``F.cross_entropy``'s mean); None for "sum" / "none"."""
     if reduction != "mean":
         return None
-    divisor = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
+    valid = labels != ignore_index
+    if num_items_in_batch is not None:
+        divisor = num_items_in_batch
+    elif class_weights is not None:
+        divisor = class_weights.to(labels.device).float()[labels[valid]].sum()
+    else:
+        divisor = valid.sum()
     # a tensor also for a Python number: HF divides the summed loss by it as a tensor (inf / NaN for 0)
     return torch.as_tensor(divisor, device=labels.device)
 
@@ -225,3 +247,14 @@ def _reduce(losses: torch.Tensor, per_token: bool, divisor: torch.Tensor | int |
         return losses
     total = losses.sum()
     return total / divisor if divisor is not None else total
+
+
+def check_class_weights(class_weights: torch.Tensor | None, vocab_size: int) -> None:
+    """ValueError unless ``class_weights`` is None or a (V,) tensor of finite weights >= 0."""
+    if class_weights is None:
+        return
+    if not isinstance(class_weights, torch.Tensor) or class_weights.shape != (vocab_size,):
+        raise ValueError(f"class_weights must be a tensor of shape ({vocab_size},) (one weight per class), got "
+                         f"{getattr(class_weights, 'shape', type(class_weights).__name__)}")
+    if not (torch.isfinite(class_weights).all() and (class_weights >= 0).all()):
+        raise ValueError("class_weights must be finite and >= 0")

@@ -387,7 +387,29 @@ def test_loss_features_through_apply(model_type, features):
     (dict(z_loss=-1.0), ValueError, "z_loss must be a finite"),
     (dict(z_loss=0.1, lm_head=False), ValueError, "options of mst's LM-head loss"),
     (dict(label_smoothing=True), TypeError, "label_smoothing must be"),
+    (dict(class_weights=torch.ones(5)), ValueError, "class_weights must be a tensor of shape"),
+    (dict(class_weights=torch.ones(101), z_loss=0.1), ValueError, "cannot be combined"),
 ])
 def test_loss_features_bad_input(options, error, message):
     with pytest.raises(error, match=message):
         mst.apply(tiny_model("llama"), **options)
+
+
+
+@pytest.mark.parametrize("model_type", ["llama", GENERIC_FAMILY])
+def test_class_weights_through_apply(model_type):
+    """``mst.apply(class_weights=w)``: loss and gradients equal ``F.cross_entropy(logits, labels, weight=w)`` on the
+    unpatched model's logits (mean over the valid labels' summed weights)."""
+    ref = tiny_model(model_type)
+    weights = torch.rand(ref.config.vocab_size, generator=torch.Generator().manual_seed(0)) * 2
+    got = mst.apply(clone_model(ref), class_weights=weights)
+    ids = make_input_ids(2, 40)
+    labels = make_labels(ids, "prefix")
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    logits = ref(input_ids=ids).logits.float().reshape(-1, ref.config.vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits, shift, weight=weights)
+    expected.backward()
+    loss = got(input_ids=ids, labels=labels).loss
+    loss.backward()
+    assert_exact(loss, expected)
+    assert_grads_close(got, ref)

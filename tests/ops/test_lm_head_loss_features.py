@@ -18,7 +18,7 @@ FEATURES = {"smoothing": dict(label_smoothing=0.1), "z_loss": dict(z_loss=1e-2),
 
 
 def reference(h, w, y, *, bias=None, reduction="mean", label_smoothing=0.0, z_loss=0.0, logit_scale=None,
-              final_logit_softcapping=None, num_items_in_batch=None, **_):
+              final_logit_softcapping=None, num_items_in_batch=None, class_weights=None, **_):
     z = F.linear(h, w, bias).float().reshape(-1, w.shape[0])
     if logit_scale is not None:
         z = z * logit_scale
@@ -26,14 +26,16 @@ def reference(h, w, y, *, bias=None, reduction="mean", label_smoothing=0.0, z_lo
         z = torch.tanh(z / final_logit_softcapping) * final_logit_softcapping
     flat_y = y.reshape(-1)
     valid = flat_y != -100
-    per_token = F.cross_entropy(z, flat_y, reduction="none", label_smoothing=label_smoothing)
+    per_token = F.cross_entropy(z, flat_y, reduction="none", label_smoothing=label_smoothing, weight=class_weights)
     per_token = per_token + z_loss * torch.logsumexp(z, dim=-1).square() * valid
     if reduction == "none":
         return per_token.view(y.shape)
     total = per_token.sum()
     if reduction == "sum":
         return total
-    return total / (num_items_in_batch if num_items_in_batch is not None else valid.sum())
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / (class_weights[flat_y[valid]].sum() if class_weights is not None else valid.sum())
 
 
 def check(fn, feature: dict, bias=False, ignore_prefix=9, **kwargs):
@@ -138,3 +140,36 @@ def test_token_stats_before_a_loss_refuse_accuracy():
 
     with pytest.raises(ValueError, match="nothing recorded"):
         TokenStats().accuracy(torch.zeros(3, dtype=torch.long))
+
+
+
+CLASS_WEIGHTS = torch.rand(V, generator=torch.Generator().manual_seed(3)) * 2
+
+
+@pytest.mark.parametrize("mode", [
+    dict(reduction="mean"), dict(reduction="sum", chunk_tokens=5), dict(reduction="none", num_chunks=3),
+    dict(reduction="mean", weight_grad_block_rows=10), dict(reduction="mean", num_items_in_batch=50, num_chunks=2),
+    dict(reduction="mean", logit_scale=0.7, final_logit_softcapping=2.0),
+], ids=["summed", "sum_C5", "per_token", "blocked_dW", "num_items", "softcap"])
+def test_class_weights(mode):
+    """``class_weights`` as ``F.cross_entropy(weight=)``: each token's loss times its label's weight, a mean over
+    the valid labels' summed weights; loss and every gradient exact in every mode and through the module path."""
+    check(chunked_lm_head_loss, dict(class_weights=CLASS_WEIGHTS), bias=True, **mode)
+
+    def module_loss(h, w, y, *, bias=None, **kwargs):
+        return chunked_module_lm_head_loss(h, lambda x: F.linear(x, w, bias), [w, bias], y, vocab_size=V, **kwargs)
+
+    if "weight_grad_block_rows" not in mode:
+        check(module_loss, dict(class_weights=CLASS_WEIGHTS), bias=True, **mode)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(class_weights=torch.ones(V - 1)), "shape"),
+    (dict(class_weights=torch.full((V,), float("nan"))), "finite"),
+    (dict(class_weights=-torch.ones(V)), ">= 0"),
+    (dict(class_weights=torch.ones(V), label_smoothing=0.1), "cannot be combined"),
+])
+def test_class_weights_bad_input(options, message):
+    h, w, b, y = make_inputs()
+    with pytest.raises(ValueError, match=message):
+        chunked_lm_head_loss(h, w, y, **options)
