@@ -4,8 +4,10 @@ A row says where the decoder layers and their MLPs live and how the final logits
 ``mst.apply`` needs no per-family code. Config attributes are read from the text config (``text_config``), and a
 multimodal wrapper outside the table uses its language model's row, so PaliGemma-2 (whose softcap lives in
 ``config.text_config``) is read like Gemma-2.
-Families outside the table are accepted when their MLPs have the gated ``gate_proj``/``up_proj``/``down_proj`` (or
-fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``, and their configs set none of the known logit
+Families outside the table are accepted when their MLPs are dense and token-wise: the gated
+``gate_proj``/``up_proj``/``down_proj`` (or fused ``gate_up_proj``/``down_proj``) shape, see ``is_gated_mlp``, or
+two projections around an activation (Phi's ``fc1``/``fc2``, StarCoder2's ``c_fc``/``c_proj``, GPT-NeoX's
+``dense_h_to_4h``/``dense_4h_to_h``), see ``is_tokenwise_mlp``, and their configs set none of the known logit
 post-processing attributes (``LOGIT_POSTPROCESSING_ATTRS``); ``mst.apply`` then also checks their loss against the
 model's own at apply time, since no list can name every way a forward rescales its logits.
 
@@ -108,6 +110,8 @@ LOGIT_POSTPROCESSING_ATTRS = {"logit_scale": (None, 1.0), "logits_scaling": (Non
                               "lm_head_multiplier": (None, 1.0), "final_logit_softcapping": (None,)}
 
 GATED_MLP_SHAPES = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
+# dense MLPs without a gate: up-projection, activation, down-projection (Phi-1/2, StarCoder2, GPT-NeoX)
+PLAIN_MLP_SHAPES = (("fc1", "fc2"), ("c_fc", "c_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
 
 
 def text_config(config: object) -> object:
@@ -123,11 +127,19 @@ def is_gated_mlp(module: nn.Module) -> bool:
                for names in GATED_MLP_SHAPES)
 
 
+def is_tokenwise_mlp(module: nn.Module) -> bool:
+    """True for a dense MLP mini-sequences can split: gated (``is_gated_mlp``) or two Linear projections around an
+    activation, named as in HF (``PLAIN_MLP_SHAPES``). An MoE block is not: its router mixes nothing across tokens
+    but its auxiliary loss does, which a per-chunk recompute would not reproduce."""
+    return is_gated_mlp(module) or any(all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
+                                       for names in PLAIN_MLP_SHAPES)
+
+
 def family_of(model_type: str, layers: nn.ModuleList | None, config: object = None) -> Family:
     """The family row for ``model_type``; for a multimodal wrapper outside the table, its language model's row (by
     the text config's ``model_type``: PaliGemma-2 reads Gemma-2's softcap, now from ``config.text_config``); else a
-    generic row when every layer has a gated MLP and neither ``config`` nor its text config post-processes the
-    logits; else ValueError."""
+    generic row when every layer has a token-wise MLP (``is_tokenwise_mlp``) and neither ``config`` nor its text
+    config post-processes the logits; else ValueError."""
     row = FAMILIES.get(model_type) or FAMILIES.get(getattr(text_config(config), "model_type", None))
     if row is not None:
         return row
@@ -139,10 +151,11 @@ def family_of(model_type: str, layers: nn.ModuleList | None, config: object = No
             f"mst.apply: model_type {model_type!r} is not in the supported families and post-processes its logits "
             f"({postprocessing}), which the generic path cannot reproduce exactly. Supported families: "
             f"{', '.join(sorted(FAMILIES))}.")
-    if layers is not None and len(layers) and all(is_gated_mlp(getattr(layer, "mlp", None) or nn.Module())
+    if layers is not None and len(layers) and all(is_tokenwise_mlp(getattr(layer, "mlp", None) or nn.Module())
                                                   for layer in layers):
         return Family()
     raise ValueError(
-        f"mst.apply: model_type {model_type!r} is not supported: its decoder layers have no dense gated MLP "
-        f"(gate_proj/up_proj/down_proj or gate_up_proj/down_proj). Supported families: {', '.join(sorted(FAMILIES))}, "
+        f"mst.apply: model_type {model_type!r} is not supported: its decoder layers have no dense token-wise MLP "
+        f"at .mlp (gated: gate_proj/up_proj/down_proj or gate_up_proj/down_proj; or fc1/fc2, c_fc/c_proj, "
+        f"dense_h_to_4h/dense_4h_to_h; an MoE block is not one). Supported families: {', '.join(sorted(FAMILIES))}, "
         "plus any *ForCausalLM whose layers have such an MLP.")

@@ -10,7 +10,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import mst
-from mst.integrations import FAMILIES, is_gated_mlp, options_dict
+from mst.integrations import FAMILIES, is_gated_mlp, is_tokenwise_mlp, options_dict
 from tests.utils import (GENERIC_FAMILY, MLP_CHUNK, TEXT_VOCAB, assert_same_step, clone_model, make_input_ids,
                          make_labels, patched_pair, tiny_config, tiny_model, tiny_multimodal_model)
 
@@ -25,9 +25,9 @@ def test_generic_family_is_outside_the_table_and_gated():
     assert all(is_gated_mlp(layer.mlp) for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "starcoder2", "phi", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2_moe"])
 def test_unsupported_model_raises_naming_families(model_type):
-    """No gated dense MLP in (every) decoder layer: GPT-2 / NeoX / StarCoder2 / Phi-1 MLPs, MoE blocks."""
+    """No dense token-wise MLP at .mlp of the decoder's layers: GPT-2 (layers at ``h``), MoE blocks."""
     model = tiny_model(model_type)
     with pytest.raises(ValueError, match="Supported families: .*llama") as err:
         mst.apply(model)
@@ -230,5 +230,21 @@ def test_mllama_text_decoder_found_at_model_and_exact():
     assert "forward" in got.model.layers[0].mlp.__dict__ and "forward" in got.model.layers[1].mlp.__dict__
     for model in (ref, got):  # text only: the cross-attention layer is skipped without images, in both alike
         model.model.layers[1].requires_grad_(False)
+    ids = make_input_ids(2, 40)
+    assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
+
+
+
+@pytest.mark.parametrize("norms", [False, True])
+@pytest.mark.parametrize("model_type", ["phi", "starcoder2", "gpt_neox"])
+def test_plain_mlp_families_are_checked_and_exact(model_type, norms):
+    """MLPs without a gate (Phi's fc1/fc2, StarCoder2's c_fc/c_proj, GPT-NeoX's dense_h_to_4h/dense_4h_to_h) are
+    token-wise too: the generic, checked path, loss and every gradient equal the unpatched model's (also with the
+    hidden-state norms in mini-sequences)."""
+    ref = tiny_model(model_type)
+    layers = ref.get_decoder().layers
+    assert model_type not in FAMILIES and all(is_tokenwise_mlp(layer.mlp) for layer in layers)
+    got = mst.apply(clone_model(ref), mlp_chunk_tokens=MLP_CHUNK, norms=norms)
+    assert all("forward" in layer.mlp.__dict__ for layer in got.get_decoder().layers)
     ids = make_input_ids(2, 40)
     assert_same_step(ref, got, input_ids=ids, labels=make_labels(ids, "prefix"))
