@@ -494,7 +494,8 @@ def apply(model: nn.Module, **options) -> nn.Module:
           ``mst.ops.chunked_lm_head_loss(..., reduction="none")``.
       label_smoothing (float in [0, 1]), z_loss (float >= 0): train on the label-smoothed cross-entropy (as
           ``F.cross_entropy``'s) plus z_loss x logsumexp(logits)^2 per valid token (Liger-Kernel's
-          ``lse_square_scale``), reduced as HF's loss; the z-loss term alone is ``token_stats.lse``'s squares.
+          ``lse_square_scale``), reduced as HF's loss; the z-loss term alone, for logging:
+          ``output.token_stats.z_loss(shift_labels)`` (with ``token_stats=True``).
           HF's own loss has neither, so the apply-time check of a family outside the table runs without them.
       class_weights (tensor of shape (V,)): per-class weights of the loss, as ``F.cross_entropy(weight=)`` (a mean
           divides by the valid labels' summed weights; HF's ``num_items_in_batch``, when given, still divides).

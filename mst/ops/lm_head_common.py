@@ -48,6 +48,14 @@ class TokenStats:
             self.lse[start:start + z.shape[0]] = torch.logsumexp(z, dim=-1) if lse is None else lse
             self.predictions[start:start + z.shape[0]] = z.argmax(dim=-1)
 
+    def z_loss(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """The z-loss term alone, mean of logsumexp(logits)^2 over the tokens with a valid label (what Liger-Kernel
+        returns separately for logging; multiply by the scale), without gradient."""
+        if self.lse is None:
+            raise ValueError("TokenStats.z_loss: nothing recorded yet (run the loss first)")
+        valid = labels.reshape(-1).to(self.lse.device) != ignore_index
+        return self.lse[valid].square().mean()
+
     def accuracy(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """The fraction of tokens with a valid (aligned, i.e. shifted) label whose prediction is that label (NaN
         when every label is ignored), as TRL's SFTTrainer logs it."""

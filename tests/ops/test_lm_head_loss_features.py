@@ -133,6 +133,7 @@ def test_token_stats_are_the_full_logits_lse_and_argmax(mode, transform):
     assert_exact(stats.lse[ran], torch.logsumexp(z, dim=-1)[ran])
     assert torch.equal(stats.predictions[ran], z.argmax(dim=-1)[ran])
     assert_exact(stats.accuracy(y), (z.argmax(dim=-1)[valid] == flat_y[valid]).float().mean())
+    assert_exact(stats.z_loss(y), torch.logsumexp(z, dim=-1)[valid].square().mean())
 
 
 def test_token_stats_before_a_loss_refuse_accuracy():
@@ -140,6 +141,8 @@ def test_token_stats_before_a_loss_refuse_accuracy():
 
     with pytest.raises(ValueError, match="nothing recorded"):
         TokenStats().accuracy(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="nothing recorded"):
+        TokenStats().z_loss(torch.zeros(3, dtype=torch.long))
 
 
 
