@@ -37,7 +37,7 @@ from .memory.strategies import OPTIMIZERS, STRATEGIES
 GiB = 1024 ** 3
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ("weights", "gradients", "optimizer_state", "activations", "transient")
-Row = tuple[int, Plan | None, bool]  # length, its plan (None when nothing fits), capped by the search
+Row = tuple[int, Plan | None, bool, StepCost | None]  # length, its plan (None: nothing fits), capped, its cost
 
 
 def _load_file(model: str) -> PretrainedConfig:
@@ -88,10 +88,13 @@ def _rows(args) -> dict[str, Row]:
         # vanilla and ac stay as they are: --norms / --attention are options of the mst strategies
         common["mst_options"] = options if options and strategy.startswith("mst") else None
         if args.seq_len is not None:  # plan exactly this length (the planner rejects 0 and negatives)
-            rows[strategy] = (args.seq_len, plan(config, args.seq_len, strategy, **common), False)
-            continue
-        length = max_seq_len(config, strategy, reserve_gb=args.reserve_gb, granularity=args.granularity, **common)
-        rows[strategy] = (length, plan(config, length, strategy, **common) if length else None, length.capped)
+            length, capped = args.seq_len, False
+            p = plan(config, length, strategy, **common)
+        else:
+            length = max_seq_len(config, strategy, reserve_gb=args.reserve_gb, granularity=args.granularity, **common)
+            capped = length.capped
+            p = plan(config, length, strategy, **common) if length else None
+        rows[strategy] = (length, p, capped, _cost(args, config, strategy, length) if p else None)
     return rows
 
 
@@ -106,14 +109,13 @@ def _table(args, rows: dict[str, Row]) -> str:
     lines = [head, f"{'strategy':<12} {label:>11} {'peak GiB':>9} " + " ".join(f"{c[:11]:>11}" for c in COLUMNS)
              + f" {'step s':>8}  peak phase (host GiB)"]
     notes = []
-    for strategy, (length, p, capped) in rows.items():
+    for strategy, (length, p, capped, cost) in rows.items():
         if p is None:
             lines.append(f"{strategy:<12} {length:>11}   (not even {args.granularity * args.sp_size} tokens fit)")
             continue
         cells = " ".join(f"{p.breakdown[c] / GiB:>11.2f}" for c in COLUMNS)
         host = f" ({p.host_bytes / GiB:.1f})" if p.host_bytes else ""
-        seconds = _cost(args, strategy, length).step_s
-        lines.append(f"{strategy:<12} {length:>11} {p.peak_gib:>9.2f} {cells} {seconds:>8.1f}  {p.phase}{host}")
+        lines.append(f"{strategy:<12} {length:>11} {p.peak_gib:>9.2f} {cells} {cost.step_s:>8.1f}  {p.phase}{host}")
         if capped:
             notes.append(f"{strategy}: max seq len at least {length} (the search cap); its row plans that length")
     if args.explain:
@@ -121,9 +123,9 @@ def _table(args, rows: dict[str, Row]) -> str:
     return "\n".join(lines + notes)
 
 
-def _cost(args, strategy: str, length: int) -> StepCost:
+def _cost(args, config: PretrainedConfig, strategy: str, length: int) -> StepCost:
     """The step's FLOPs, host traffic and time at ``length`` tokens (``mst.memory.planner.cost``)."""
-    return step_cost(_load(args.model), length, strategy, sp_size=args.sp_size, batch_size=args.batch_size,
+    return step_cost(config, length, strategy, sp_size=args.sp_size, batch_size=args.batch_size,
                      dtype=DTYPES[args.dtype], model_state=args.model_state,
                      attention=args.attention and strategy.startswith("mst"), tflops=args.tflops,
                      host_gbps=args.host_gbps)
@@ -133,7 +135,7 @@ def _explain(args, rows: dict[str, Row], top: int = 12) -> list[str]:
     """Per strategy whose peak is a layer's backward: the tensors alive at that peak by the op that made them, in
     bytes per token (S marks the token dimension)."""
     lines = []
-    for strategy, (length, p, _) in rows.items():
+    for strategy, (length, p, _, _) in rows.items():
         if p is None or not p.peak_tensors:
             continue
         tokens = p.batch_size * length // p.sp_size
@@ -150,16 +152,16 @@ def _explain(args, rows: dict[str, Row], top: int = 12) -> list[str]:
 
 def _json(args, rows: dict[str, Row]) -> str:
     searched = args.seq_len is None
-    lengths = {"max_seq_len" if searched else "seq_len": {s: n for s, (n, _, _) in rows.items()}}
+    lengths = {"max_seq_len" if searched else "seq_len": {s: row[0] for s, row in rows.items()}}
     if searched:  # True: the search stopped at its cap, the limit is at least max_seq_len
-        lengths["capped"] = {s: capped for s, (_, _, capped) in rows.items()}
+        lengths["capped"] = {s: row[2] for s, row in rows.items()}
     return json.dumps({"model": args.model, "sp_size": args.sp_size, "gpu_mem_gb": args.gpu_mem_gb,
                        "reserve_gb": args.reserve_gb, "dtype": args.dtype, "optimizer": args.optimizer,
                        "grad_accumulation": args.grad_accumulation, "engine": args.engine,
                        "batch_size": args.batch_size, "norms": args.norms, "attention": args.attention,
                        "model_state": args.model_state, **lengths,
-                       "plans": {s: (p.to_dict() if p else None) for s, (_, p, _) in rows.items()},
-                       "costs": {s: (_cost(args, s, n).to_dict() if p else None) for s, (n, p, _) in rows.items()}},
+                       "plans": {s: (p.to_dict() if p else None) for s, (_, p, _, _) in rows.items()},
+                       "costs": {s: (cost.to_dict() if cost else None) for s, (_, _, _, cost) in rows.items()}},
                       indent=1)
 
 

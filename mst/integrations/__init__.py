@@ -4,5 +4,5 @@ from .families import FAMILIES, Family, is_gated_mlp, is_tokenwise_mlp
 from .hf import MsTOptions, apply, options_dict, revert
 from .offload import offloading_checkpoint
 
-__all__ = ["FAMILIES", "Family", "MsTOptions", "apply", "is_gated_mlp", "is_tokenwise_mlp", "offloading_checkpoint", "options_dict",
-           "revert"]
+__all__ = ["FAMILIES", "Family", "MsTOptions", "apply", "is_gated_mlp", "is_tokenwise_mlp", "offloading_checkpoint",
+           "options_dict", "revert"]

@@ -36,7 +36,7 @@ from transformers.utils.generic import TransformersKwargs
 
 from ..ops import (ATTENTION_BACKENDS, TokenStats, chunked_lm_head_loss, chunked_module_lm_head_loss,
                    default_mlp_chunk_tokens, mini_sequence_mlp, resolve_chunk_tokens)
-from ..ops.lm_head_common import check_class_weights
+from ..ops.lm_head_common import LMHeadSpec, check_class_weights
 from .attention import BACKEND_ATTR, CHUNK_ATTR, MINI_SEQUENCE_ATTENTION
 from .families import FAMILIES, Family, family_of, text_config
 from .offload import offloading_checkpoint
@@ -262,17 +262,6 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
     if opts.attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"mst.apply: attention_backend must be one of {ATTENTION_BACKENDS}, got "
                          f"{opts.attention_backend!r}")
-    if not 0.0 <= opts.label_smoothing <= 1.0:  # also refuses NaN
-        raise ValueError(f"mst.apply: label_smoothing must be in [0, 1], got {opts.label_smoothing!r}")
-    if not 0.0 <= opts.z_loss < float("inf"):
-        raise ValueError(f"mst.apply: z_loss must be a finite number >= 0, got {opts.z_loss!r}")
-    if (opts.label_smoothing or opts.z_loss or opts.class_weights is not None) and not opts.lm_head:
-        raise ValueError("mst.apply: label_smoothing, z_loss and class_weights are options of mst's LM-head loss "
-                         "(lm_head=True)")
-    if opts.class_weights is not None:
-        if opts.label_smoothing or opts.z_loss:
-            raise ValueError("mst.apply: class_weights cannot be combined with label_smoothing or z_loss")
-        check_class_weights(opts.class_weights, model.lm_head.weight.shape[0])
     if opts.mlp_mode not in ("recompute", "naive"):
         raise ValueError(f"mst.apply: mlp_mode must be 'recompute' or 'naive', got {opts.mlp_mode!r}")
     if opts.attention and (getattr(text_config(model.config), "attention_dropout", 0.0) or 0.0) > 0:
@@ -280,6 +269,15 @@ def _validate(model: nn.Module, opts: MsTOptions) -> tuple[Family, nn.ModuleList
                          f"{text_config(model.config).attention_dropout}; set it to 0 or pass attention=False")
     if opts.lm_head and getattr(model.lm_head, "weight", None) is None:
         raise ValueError("mst.apply: lm_head has no .weight (quantized or custom head?); pass lm_head=False")
+    if (opts.label_smoothing or opts.z_loss or opts.class_weights is not None) and not opts.lm_head:
+        raise ValueError("mst.apply: label_smoothing, z_loss and class_weights are options of mst's LM-head loss "
+                         "(lm_head=True)")
+    try:  # the loss's own checks (ranges, combinations), made at apply time
+        LMHeadSpec(1, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, class_weights=opts.class_weights)
+        if opts.class_weights is not None:
+            check_class_weights(opts.class_weights, model.lm_head.weight.shape[0])
+    except ValueError as exc:
+        raise ValueError(f"mst.apply: {exc}") from None
     if opts.checkpointing and (not _checkpointable(model) or not getattr(model, "supports_gradient_checkpointing",
                                                                             True)):
         raise ValueError(f"mst.apply: {type(model).__name__} does not support activation checkpointing; "

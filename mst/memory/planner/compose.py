@@ -144,14 +144,6 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
     hidden = wl.tokens * spec.hidden * act  # one hidden state (the incoming gradient of a layer has this size)
     host = layer.offloadable if wl.offload else 0
     zero = host_state_bytes(spec, wl) if wl.host_state else None
-    kinds = {"last layer": "layer", "LM head": "head", "top layer": "layer", "bottom layer": "layer",
-             "embedding": "embedding"}
-
-    def state(name: str) -> tuple[int, int]:
-        """(weights, optimizer state) on the device during phase ``name``."""
-        if zero is None:
-            return weights, opt_state
-        return zero[next(kind for key, kind in kinds.items() if key in name)], 0
     stacked = layer.saved - (host if wl.device == "cuda" else 0)  # device bytes one layer keeps till backward
 
     def grads(made_before: int) -> int:
@@ -164,25 +156,28 @@ def compose(spec: ModelSpec, wl: Workload, layer: LayerProfile, head: HeadProfil
     head_left = head.bwd_end - head.bwd_end_grads - hidden  # what the head leaves besides its grads and dh
     phases: dict[str, tuple[int, int, int, int, int]] = {}  # name -> (total, weights, opt, gradients, activations)
 
-    def add(name: str, grads_alive: int, stack: int, peak: int, peak_grads: int = 0, own_saved: int = 0):
-        """One candidate: persistent terms + stacked activations + one component's peak (+ its own saved)."""
-        w, o = state(name)
+    def add(name: str, running: str | None, grads_alive: int, stack: int, peak: int, peak_grads: int = 0,
+            own_saved: int = 0):
+        """One candidate: persistent terms + stacked activations + one component's peak (+ its own saved). The
+        persistent terms are all weights and optimizer state, or with the model state on the host what the
+        ``running`` module ("layer", "head", "embedding") has gathered (``host_state_bytes``)."""
+        w, o = (weights, opt_state) if zero is None else (zero[running], 0)
         phases[name] = (w + o + grads_alive + stack + peak, w, o, grads_alive + peak_grads, stack + own_saved)
 
-    add("forward: last layer", resident, head.shared + (n_layers - 1) * stacked, layer.fwd_peak)
-    add("forward: LM head + loss", resident, head.shared + n_layers * stacked, head.fwd_peak)
-    add("backward: LM head + loss", grads(0), head.shared + n_layers * stacked, head.bwd_peak, head.bwd_peak_grads,
-        own_saved=head.saved)
+    add("forward: last layer", "layer", resident, head.shared + (n_layers - 1) * stacked, layer.fwd_peak)
+    add("forward: LM head + loss", "head", resident, head.shared + n_layers * stacked, head.fwd_peak)
+    add("backward: LM head + loss", "head", grads(0), head.shared + n_layers * stacked, head.bwd_peak,
+        head.bwd_peak_grads, own_saved=head.saved)
     for index, label in ((n_layers, "backward: top layer"), (1, "backward: bottom layer")):
         made = head.bwd_end_grads + (n_layers - index) * layer_grads
-        add(label, grads(made), head.shared + (index - 1) * stacked + head_left, layer.bwd_peak,
+        add(label, "layer", grads(made), head.shared + (index - 1) * stacked + head_left, layer.bwd_peak,
             layer.bwd_peak_grads, own_saved=stacked)
     # accumulating with optimizer-in-backward: the last micro-step also runs each update's temporaries
     last_update = adam_step_temporaries(wl.device, True) * largest * act if in_backward else 0
-    add("backward: embedding", grads(n_layers * layer_grads), 0, head.embed_bwd_peak + last_update * (resident > 0),
-        head.embed_bwd_peak_grads)
+    add("backward: embedding", "embedding", grads(n_layers * layer_grads), 0,
+        head.embed_bwd_peak + last_update * (resident > 0), head.embed_bwd_peak_grads)
     if wl.optimizer == "adamw" and zero is None:  # with the model state on the host, so is the step
-        add("optimizer step", grads_all, 0, adam_step_temporaries(wl.device, False) * largest * act)
+        add("optimizer step", None, grads_all, 0, adam_step_temporaries(wl.device, False) * largest * act)
 
     name = max(phases, key=lambda k: phases[k][0])
     total, weights_now, opt_now, grads_at_peak, activations = phases[name]

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PretrainedConfig
 
-from .spec import ModelSpec, Workload
+from .spec import ModelSpec, Workload, _is_finite
 
 DEFAULT_TFLOPS = 400.0  # an assumption: bf16 dense, ~40% of an H100 SXM's 989 TFLOP/s peak
 DEFAULT_HOST_GBPS = 25.0  # an assumption: one direction of PCIe Gen4 x16 as measured by typical pinned copies
@@ -64,7 +64,7 @@ def step_cost(config: PretrainedConfig, seq_len: int, strategy: str = "mst", *, 
               host_gbps: float = DEFAULT_HOST_GBPS) -> StepCost:
     """FLOPs, traffic and time of one step of ``config`` at ``seq_len`` tokens (see the module docstring)."""
     for name, value in (("tflops", tflops), ("host_gbps", host_gbps)):
-        if not (isinstance(value, (int, float)) and value > 0 and value != float("inf")):
+        if not (_is_finite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     spec = ModelSpec.from_config(config)
     wl = Workload(seq_len=seq_len, strategy=strategy, batch_size=batch_size, sp_size=sp_size, dtype=dtype,

@@ -108,7 +108,7 @@ def max_seq_len(config: PretrainedConfig | str, strategy: str = "mst", *, sp_siz
                 mst_options: dict | None = None, quantization: str | None = None, lora_rank: int = 16,
                 model_state: str = "device") -> MaxSeqLen:
     """Longest sequence (a multiple of ``granularity`` x ``sp_size``, at most ``max_len``) whose planned peak fits
-    ``gpu_mem_gb`` GiB minus ``reserve_gb``; 0 if not even one granule fits. Doubling, then bisection (the peak
+    ``gpu_mem_gb`` GiB minus ``reserve_gb``; 0 if not even one granule fits. Found by ``_bracket_search`` (the peak
     grows with S). The result is an int whose ``capped`` is True when the search reached ``max_len`` without
     overflowing: then the true limit is at least that (``MaxSeqLen``). The step options are ``plan``'s
     (``grad_accumulation`` is a flag).
